@@ -1,0 +1,356 @@
+"""The equivalent network: a trained CNN as a graph of explicit operators on [x; x_b].
+
+Seed 000 (§3.2, Fig. 2, Eq. 7) rewrites a trained CNN as an *equivalent model*: BatchNorm
+folded into the convolutions, Fixup multipliers folded into the weights, and every bias
+moved into one extra input vector ``x_b`` that each layer reads its slice of through a
+restriction operator ``R_l``.  This module holds that data model; ``linop.convert``
+builds it from a torch module (``from_torch``), ``linop.jacobian`` linearises it.
+
+Node kinds (all act on batched tensors ``(N, *shape)``):
+
+* :class:`InputNode`      — the image x.
+* :class:`LinearNode`     — ``y = A x`` with ``A`` an :class:`~linop.operators.Operator`
+  (conv, linear, average pooling, channel pad, subsample, flatten, scale).  Conv / FC
+  nodes carry ``unit_layer`` (``"Conv0"`` … ``"FC"``): their output is that unit layer's
+  *pre-bias* value c (seed 000 Eq. 3).
+* :class:`BiasNode`       — ``y = x + R x_b[slice]`` (the layer's own bias; Fixup scalars).
+* :class:`ActivationNode` — elementwise σ; piecewise linear (ReLU, LeakyReLU, PReLU) or
+  smooth (tanh, sigmoid; these break the exact identity of seed 000).
+* :class:`MaxPoolNode`    — max pooling; at a point it is the argmax selection operator.
+* :class:`AddNode`        — residual sum.
+* :class:`CatNode`        — channel concatenation.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .operators.base import Operator, torch_dtype
+
+__all__ = [
+    "Node",
+    "InputNode",
+    "LinearNode",
+    "BiasNode",
+    "ActivationNode",
+    "MaxPoolNode",
+    "AddNode",
+    "CatNode",
+    "EquivalentNetwork",
+    "PIECEWISE_LINEAR",
+]
+
+PIECEWISE_LINEAR = {"relu", "leaky_relu", "prelu", "identity"}
+
+
+@dataclass
+class Node:
+    """A node of the equivalent network.  ``inputs`` are names of earlier nodes."""
+
+    name: str
+    inputs: tuple[str, ...]
+    out_shape: tuple[int, ...]
+    source: str = ""  # where it came from in the torch model (module path / fx node), for messages
+
+    def forward(self, xs: Sequence[torch.Tensor], x_b: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+@dataclass
+class InputNode(Node):
+    def forward(self, xs, x_b):
+        return xs[0]
+
+
+@dataclass
+class LinearNode(Node):
+    op: Operator | None = None
+    unit_layer: str | None = None  # "Conv0" … / "FC" when this is a unit layer's pre-bias output
+
+    def forward(self, xs, x_b):
+        return self.op.apply(xs[0])
+
+
+@dataclass
+class BiasNode(Node):
+    """``y = x + R x_b[bias_slice]``; ``restriction`` maps the slice to ``out_shape``."""
+
+    bias_name: str = ""
+    bias_slice: slice = field(default_factory=lambda: slice(0, 0))
+    restriction: Operator | None = None
+    unit_layer: str | None = None  # set when this is the own bias of a unit layer
+
+    def bias_term(self, x_b: torch.Tensor) -> torch.Tensor:
+        """``R x_b[slice]`` as a tensor of shape ``(1, *out_shape)``."""
+        return self.restriction.apply(x_b[self.bias_slice].reshape(1, -1))
+
+    def forward(self, xs, x_b):
+        return xs[0] + self.bias_term(x_b)
+
+
+@dataclass
+class ActivationNode(Node):
+    """Elementwise activation.  ``kind`` in relu, leaky_relu, prelu, tanh, sigmoid, identity.
+
+    ``negative_slope``: float (leaky_relu) or a per-channel tensor (prelu).
+    """
+
+    kind: str = "relu"
+    negative_slope: Any = 0.0
+
+    @property
+    def piecewise_linear(self) -> bool:
+        return self.kind in PIECEWISE_LINEAR
+
+    def _slope_tensor(self, like: torch.Tensor) -> torch.Tensor:
+        g = self.negative_slope
+        if isinstance(g, torch.Tensor):
+            g = g.to(device=like.device, dtype=like.dtype)
+            if g.numel() > 1:  # per-channel PReLU
+                g = g.reshape((1, -1) + (1,) * (like.dim() - 2))
+        return g
+
+    def forward(self, xs, x_b):
+        x = xs[0]
+        if self.kind == "relu":
+            return torch.relu(x)
+        if self.kind in ("leaky_relu", "prelu"):
+            return torch.where(x >= 0, x, x * self._slope_tensor(x))
+        if self.kind == "tanh":
+            return torch.tanh(x)
+        if self.kind == "sigmoid":
+            return torch.sigmoid(x)
+        if self.kind == "identity":
+            return x
+        raise ValueError(f"unknown activation kind {self.kind!r} at node {self.name}")
+
+    def slopes(self, x: torch.Tensor) -> torch.Tensor:
+        """Diagonal of dσ/dc at pre-activation ``x`` (Σ of seed 000 appendix C).
+
+        At c = 0 exactly the slope of the positive side is used, matching torch's ReLU
+        subgradient convention; the exact identity holds either way because the unit
+        contributes 0 there."""
+        if self.kind == "relu":
+            return (x > 0).to(x.dtype)
+        if self.kind in ("leaky_relu", "prelu"):
+            one = torch.ones_like(x)
+            return torch.where(x > 0, one, one * self._slope_tensor(x))
+        if self.kind == "tanh":
+            return 1 - torch.tanh(x) ** 2
+        if self.kind == "sigmoid":
+            s = torch.sigmoid(x)
+            return s * (1 - s)
+        if self.kind == "identity":
+            return torch.ones_like(x)
+        raise ValueError(f"unknown activation kind {self.kind!r} at node {self.name}")
+
+
+@dataclass
+class MaxPoolNode(Node):
+    kernel_size: tuple[int, int] = (2, 2)
+    stride: tuple[int, int] = (2, 2)
+    padding: tuple[int, int] = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+
+    def forward(self, xs, x_b):
+        return F.max_pool2d(xs[0], self.kernel_size, self.stride, self.padding, self.dilation)
+
+    def argmax(self, x: torch.Tensor) -> torch.Tensor:
+        """Flat per-sample input index selected for every output (N, *out_shape)."""
+        _, idx = F.max_pool2d(
+            x, self.kernel_size, self.stride, self.padding, self.dilation, return_indices=True
+        )
+        # torch returns indices within each (H, W) plane; make them flat over (C, H, W).
+        C, H, W = x.shape[1:]
+        offs = (torch.arange(C, device=x.device) * (H * W)).reshape(1, C, 1, 1)
+        return idx + offs
+
+
+@dataclass
+class AddNode(Node):
+    def forward(self, xs, x_b):
+        out = xs[0]
+        for t in xs[1:]:
+            out = out + t
+        return out
+
+
+@dataclass
+class CatNode(Node):
+    dim: int = 1  # channel axis of the batched tensor
+
+    def forward(self, xs, x_b):
+        return torch.cat(list(xs), dim=self.dim)
+
+
+@dataclass
+class EquivalentNetwork:
+    """A piecewise-linear (or not) CNN as a graph of operators on the extended input [x; x_b].
+
+    Attributes
+    ----------
+    nodes : list of Node, in topological order; ``nodes[0]`` is the input.
+    output : name of the output node.
+    x_b : 1-D tensor, every bias of the network concatenated (seed 000 Fig. 2).
+    bias_slices : name -> slice of ``x_b`` (the paper's b'[b_i]).
+    unit_layers : ordered names of the unit layers (every conv and FC output).
+    """
+
+    nodes: list[Node]
+    output: str
+    x_b: torch.Tensor
+    bias_slices: dict[str, slice] = field(default_factory=dict)
+    name: str = "network"
+
+    def __post_init__(self):
+        self._index = {n.name: i for i, n in enumerate(self.nodes)}
+        if len(self._index) != len(self.nodes):
+            raise ValueError("duplicate node names in the equivalent network")
+        for n in self.nodes:
+            for i in n.inputs:
+                if self._index.get(i, len(self.nodes)) >= self._index[n.name]:
+                    raise ValueError(f"node {n.name} reads {i!r}, which is not an earlier node")
+
+    # ------------------------------------------------------------------ structure
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return self.nodes[0].out_shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.x_b.dtype
+
+    @property
+    def n_bias(self) -> int:
+        return int(self.x_b.numel())
+
+    def node(self, name: str) -> Node:
+        try:
+            return self.nodes[self._index[name]]
+        except KeyError:
+            raise KeyError(f"no node named {name!r}; nodes: {[n.name for n in self.nodes]}") from None
+
+    @property
+    def unit_layers(self) -> list[str]:
+        return [n.unit_layer for n in self.nodes if isinstance(n, LinearNode) and n.unit_layer]
+
+    def unit_node(self, layer: str) -> LinearNode:
+        """The LinearNode whose output is unit layer ``layer``'s pre-bias value."""
+        for n in self.nodes:
+            if isinstance(n, LinearNode) and n.unit_layer == layer:
+                return n
+        raise ValueError(f"unknown unit layer {layer!r}; this network has {self.unit_layers}")
+
+    def own_bias(self, layer: str) -> BiasNode | None:
+        """The BiasNode holding unit layer ``layer``'s own bias, if any."""
+        for n in self.nodes:
+            if isinstance(n, BiasNode) and n.unit_layer == layer:
+                return n
+        return None
+
+    @property
+    def piecewise_linear(self) -> bool:
+        return all(n.piecewise_linear for n in self.nodes if isinstance(n, ActivationNode))
+
+    def consumers(self, name: str) -> list[str]:
+        return [n.name for n in self.nodes if name in n.inputs]
+
+    # ------------------------------------------------------------------ evaluation
+    def _prepare(self, x: Any) -> torch.Tensor:
+        x = torch.as_tensor(x)
+        if x.dim() == len(self.input_shape):
+            x = x.unsqueeze(0)
+        if tuple(x.shape[1:]) != self.input_shape:
+            raise ValueError(
+                f"{self.name}: input must have shape (N, {', '.join(map(str, self.input_shape))}), "
+                f"got {tuple(x.shape)}"
+            )
+        if not x.is_floating_point():
+            x = x.to(self.dtype)
+        return x
+
+    def run(self, x: Any, x_b: torch.Tensor | None = None, keep: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+        """Evaluate the graph; return the outputs of the nodes named in ``keep`` (all if None).
+
+        ``x`` is batched ``(N, *input_shape)`` (a single sample is accepted).  ``x_b``
+        replaces the network's own bias vector (e.g. a scaled ``k·x_b``)."""
+        x = self._prepare(x)
+        x_b = self.x_b if x_b is None else torch.as_tensor(x_b)
+        x_b = x_b.to(device=x.device, dtype=x.dtype)
+        keep = None if keep is None else set(keep)
+        # free intermediate values as soon as their last consumer has run
+        last_use = {}
+        for i, n in enumerate(self.nodes):
+            for j in n.inputs:
+                last_use[j] = i
+        vals: dict[str, torch.Tensor] = {}
+        out: dict[str, torch.Tensor] = {}
+        with torch.no_grad() if not x.requires_grad and not x_b.requires_grad else _nullcontext():
+            for i, n in enumerate(self.nodes):
+                v = x if isinstance(n, InputNode) else n.forward([vals[j] for j in n.inputs], x_b)
+                vals[n.name] = v
+                if keep is None or n.name in keep:
+                    out[n.name] = v
+                for j in n.inputs:
+                    if last_use[j] == i and j != self.output:
+                        vals.pop(j, None)
+        return out
+
+    def forward(self, x: Any, x_b: torch.Tensor | None = None) -> torch.Tensor:
+        """Network output for a batch ``x`` (logits for a classifier)."""
+        return self.run(x, x_b, keep=[self.output])[self.output]
+
+    __call__ = forward
+
+    def preactivations(self, x: Any, x_b: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """For every unit layer, its value *before its own bias is added* (seed 000 Eq. 3)."""
+        names = {n.name: n.unit_layer for n in self.nodes if isinstance(n, LinearNode) and n.unit_layer}
+        vals = self.run(x, x_b, keep=names)
+        return {names[k]: vals[k] for k in names}
+
+    def activation_pattern(self, x: Any, x_b: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The linearisation data at x: activation slopes (per ActivationNode) and max-pool
+        argmax indices (per MaxPoolNode), batched."""
+        want = {}
+        for n in self.nodes:
+            if isinstance(n, (ActivationNode, MaxPoolNode)):
+                want[n.inputs[0]] = want.get(n.inputs[0], []) + [n]
+        vals = self.run(x, x_b, keep=want)
+        pattern = {}
+        for src, ns in want.items():
+            for n in ns:
+                pattern[n.name] = n.slopes(vals[src]) if isinstance(n, ActivationNode) else n.argmax(vals[src])
+        return pattern
+
+    # ------------------------------------------------------------------ conversion
+    def to(self, dtype: Any) -> "EquivalentNetwork":
+        """A copy computing in ``dtype`` (float32 / float64).  Operators cast lazily."""
+        net = copy.copy(self)
+        net.x_b = self.x_b.to(torch_dtype(dtype))
+        return net
+
+    def summary(self) -> str:
+        lines = [f"EquivalentNetwork {self.name}: input {self.input_shape}, |x_b| = {self.n_bias}"]
+        for n in self.nodes:
+            extra = ""
+            if isinstance(n, LinearNode):
+                extra = f"{type(n.op).__name__}" + (f"  [{n.unit_layer}]" if n.unit_layer else "")
+            elif isinstance(n, BiasNode):
+                extra = f"bias {n.bias_name} x_b[{n.bias_slice.start}:{n.bias_slice.stop}]"
+            elif isinstance(n, ActivationNode):
+                extra = n.kind
+            lines.append(f"  {n.name:<24} {type(n).__name__:<15} {str(n.out_shape):<16} {extra}")
+        return "\n".join(lines)
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False

@@ -1,0 +1,243 @@
+"""The operator base class and the ``dottest`` adjoint check.
+
+Every layer of the equivalent network is an :class:`Operator`: a
+``scipy.sparse.linalg.LinearOperator`` acting on NCHW tensors flattened in C order,
+that exists in three agreeing forms:
+
+* ``apply`` / ``apply_adjoint`` — batched torch evaluation on tensors of shape
+  ``(N, *in_shape)`` / ``(N, *out_shape)`` (the fast path, CPU or CUDA);
+* ``matvec`` / ``rmatvec`` / ``matmat`` / ``rmatmat`` (and ``.T``/``.H``) on flat numpy or
+  cupy arrays, routed through the torch path with zero-copy views;
+* ``to_sparse()`` — the explicit CSR matrix (scipy.sparse, or cupyx on request).
+
+Subclasses implement ``_apply``, ``_apply_adjoint`` and ``_coo`` (the structural
+non-zeros as ``rows, cols, vals``); everything else is derived here.  Subclasses keep
+their parameters as CPU torch tensors; ``_param`` moves / casts them lazily to the
+device and dtype of the data they meet, and caches the result.
+"""
+from __future__ import annotations
+
+from math import prod
+from typing import Any, Sequence
+
+import numpy as np
+import scipy.sparse
+import scipy.sparse.linalg as spla
+import torch
+
+from .. import backend
+
+__all__ = ["Operator", "AdjointOperator", "dottest", "torch_dtype", "as_shape"]
+
+_TORCH_DTYPES = {
+    np.dtype(np.float32): torch.float32,
+    np.dtype(np.float64): torch.float64,
+    np.dtype(np.float16): torch.float16,
+}
+
+
+def torch_dtype(dtype: Any) -> torch.dtype:
+    """The torch dtype for a numpy dtype / torch dtype / string."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    dt = np.dtype(dtype)
+    if dt not in _TORCH_DTYPES:
+        raise ValueError(f"unsupported dtype {dt}; use float32 or float64")
+    return _TORCH_DTYPES[dt]
+
+
+def numpy_dtype(dtype: Any) -> np.dtype:
+    if isinstance(dtype, torch.dtype):
+        return np.dtype(str(dtype).replace("torch.", ""))
+    return np.dtype(dtype)
+
+
+def as_shape(shape: Sequence[int] | int, name: str = "shape") -> tuple[int, ...]:
+    """Validate a per-sample shape (positive ints)."""
+    if isinstance(shape, (int, np.integer)):
+        shape = (int(shape),)
+    try:
+        out = tuple(int(s) for s in shape)
+    except TypeError as exc:
+        raise ValueError(f"{name} must be a sequence of positive ints, got {shape!r}") from exc
+    if not out or any(s <= 0 for s in out):
+        raise ValueError(f"{name} must be a non-empty sequence of positive ints, got {shape!r}")
+    return out
+
+
+class Operator(spla.LinearOperator):
+    """Base class of all explicit CNN layer operators.
+
+    Parameters
+    ----------
+    in_shape, out_shape : tuple of int
+        Per-sample shapes of the input and output (e.g. ``(C, H, W)`` or ``(F,)``);
+        the operator's matrix shape is ``(prod(out_shape), prod(in_shape))``.
+    dtype : numpy dtype
+        Native dtype of the operator's parameters.  ``apply`` computes in the dtype of
+        the data it is given (parameters are cast, once, and cached).
+    """
+
+    def __init__(self, in_shape: Sequence[int], out_shape: Sequence[int], dtype: Any = np.float64):
+        self.in_shape = as_shape(in_shape, "in_shape")
+        self.out_shape = as_shape(out_shape, "out_shape")
+        super().__init__(dtype=numpy_dtype(dtype), shape=(prod(self.out_shape), prod(self.in_shape)))
+        self._param_cache: dict[tuple, torch.Tensor] = {}
+
+    # ----------------------------------------------------------------- subclass API
+    def _apply(self, x: torch.Tensor) -> torch.Tensor:  # (N, *in_shape) -> (N, *out_shape)
+        raise NotImplementedError
+
+    def _apply_adjoint(self, y: torch.Tensor) -> torch.Tensor:  # (N, *out_shape) -> (N, *in_shape)
+        raise NotImplementedError
+
+    def _coo(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Structural non-zeros ``(rows, cols, vals)`` of the matrix (no explicit zeros
+        for out-of-bounds taps).  Duplicates are summed by the CSR conversion."""
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------- parameters
+    def _param(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        """Parameter ``name`` (a CPU tensor attribute) on ``like``'s device and dtype."""
+        key = (name, like.device, like.dtype)
+        t = self._param_cache.get(key)
+        if t is None:
+            t = getattr(self, name).to(device=like.device, dtype=like.dtype)
+            self._param_cache[key] = t
+        return t
+
+    # ----------------------------------------------------------------- torch path
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """Batched forward ``y = A x`` on a tensor of shape ``(N, *in_shape)``."""
+        self._check_batch(x, self.in_shape, "input")
+        return self._apply(x)
+
+    def apply_adjoint(self, y: torch.Tensor) -> torch.Tensor:
+        """Batched adjoint ``x = Aᵀ y`` on a tensor of shape ``(N, *out_shape)``."""
+        self._check_batch(y, self.out_shape, "output")
+        return self._apply_adjoint(y)
+
+    def __call__(self, x):  # torch tensors go through the batched path
+        if isinstance(x, torch.Tensor):
+            return self.apply(x)
+        return super().__call__(x)
+
+    def _check_batch(self, t: torch.Tensor, shape: tuple[int, ...], what: str) -> None:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{type(self).__name__}: expected a torch.Tensor {what}, got {type(t).__name__}")
+        if tuple(t.shape[1:]) != shape:
+            raise ValueError(
+                f"{type(self).__name__}: {what} must have shape (N, {', '.join(map(str, shape))}), "
+                f"got {tuple(t.shape)}"
+            )
+
+    # ----------------------------------------------------------------- scipy path
+    def _run(self, a: Any, fn, shape_in: tuple[int, ...], n_out: int, columns: bool) -> Any:
+        t = backend.to_torch(a)
+        if not t.is_floating_point():
+            t = t.to(torch_dtype(self.dtype))
+        k = t.shape[1] if columns else 1
+        batch = (t.T if columns else t).reshape((k,) + shape_in)
+        out = fn(batch).reshape(k, n_out)
+        out = out.T if columns else out.reshape(n_out)
+        return backend.from_torch(out.contiguous(), like=a)
+
+    def _matvec(self, x):
+        return self._run(x, self._apply, self.in_shape, self.shape[0], columns=False)
+
+    def _rmatvec(self, y):
+        return self._run(y, self._apply_adjoint, self.out_shape, self.shape[1], columns=False)
+
+    def _matmat(self, X):
+        return self._run(X, self._apply, self.in_shape, self.shape[0], columns=True)
+
+    def _rmatmat(self, Y):
+        return self._run(Y, self._apply_adjoint, self.out_shape, self.shape[1], columns=True)
+
+    def _adjoint(self) -> "AdjointOperator":
+        return AdjointOperator(self)
+
+    _transpose = _adjoint  # real operators: transpose == adjoint
+
+    # ----------------------------------------------------------------- sparse form
+    def to_sparse(self, gpu: bool = False, dtype: Any = None):
+        """Explicit CSR matrix (``scipy.sparse.csr_matrix``; cupyx when ``gpu=True``)."""
+        rows, cols, vals = self._coo()
+        dt = numpy_dtype(dtype) if dtype is not None else self.dtype
+        A = scipy.sparse.csr_matrix(
+            (np.asarray(vals, dtype=dt), (np.asarray(rows), np.asarray(cols))), shape=self.shape
+        )
+        A.sum_duplicates()
+        A.sort_indices()
+        if gpu:
+            if not backend.cupy_available():
+                raise RuntimeError("to_sparse(gpu=True) needs cupy and a CUDA device")
+            A = backend.get_sparse_module(backend._cupy.empty(0)).csr_matrix(A)
+        return A
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.in_shape} -> {self.out_shape}, dtype={self.dtype}>"
+
+
+class AdjointOperator(Operator):
+    """The adjoint (transpose) of an :class:`Operator`, as an operator."""
+
+    def __init__(self, op: Operator):
+        self.op = op
+        super().__init__(op.out_shape, op.in_shape, op.dtype)
+
+    def _apply(self, x):
+        return self.op._apply_adjoint(x)
+
+    def _apply_adjoint(self, y):
+        return self.op._apply(y)
+
+    def _coo(self):
+        r, c, v = self.op._coo()
+        return c, r, v
+
+    def _adjoint(self):
+        return self.op
+
+
+def dottest(
+    op: spla.LinearOperator,
+    rng: np.random.Generator | int | None = None,
+    dtype: Any = np.float64,
+    rtol: float | None = None,
+    raise_error: bool = True,
+) -> tuple[float, float]:
+    """Adjoint identity check ``<A x, y> == <x, Aᵀ y>`` with random x, y.
+
+    Parameters
+    ----------
+    op : LinearOperator
+        Operator under test (any ``scipy.sparse.linalg.LinearOperator``).
+    rng : Generator or seed, optional
+    dtype : dtype of the random vectors (float64 by default; the check is exact up to
+        rounding, so the default tolerance is a few hundred ulps of that dtype).
+    rtol : float, optional
+        Relative tolerance on ``|<Ax,y> - <x,Aᵀy>| / max(|<Ax,y>|, |<x,Aᵀy>|)``.
+    raise_error : bool
+        Raise ``AssertionError`` on failure (else just return the two numbers).
+
+    Returns
+    -------
+    (yAx, xAty) : the two inner products.
+    """
+    rng = np.random.default_rng(rng)
+    n_out, n_in = op.shape
+    x = rng.standard_normal(n_in).astype(dtype)
+    y = rng.standard_normal(n_out).astype(dtype)
+    yAx = float(np.dot(y, np.asarray(op.matvec(x)).ravel()))
+    xAty = float(np.dot(x, np.asarray(op.rmatvec(y)).ravel()))
+    if rtol is None:
+        # Both sides are sums of ~nnz rounded products; 1e3 ulps covers any realistic layer.
+        rtol = 1e3 * np.finfo(dtype).eps
+    scale = max(abs(yAx), abs(xAty), np.finfo(dtype).tiny)
+    err = abs(yAx - xAty) / scale
+    if raise_error and not err <= rtol:
+        raise AssertionError(
+            f"dottest failed for {op!r}: <Ax,y>={yAx!r}, <x,A^T y>={xAty!r}, rel. err {err:.3e} > {rtol:.1e}"
+        )
+    return yAx, xAty
