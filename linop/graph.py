@@ -132,9 +132,10 @@ class ActivationNode(Node):
     def slopes(self, x: torch.Tensor) -> torch.Tensor:
         """Diagonal of dσ/dc at pre-activation ``x`` (Σ of seed 000 appendix C).
 
-        At c = 0 exactly the slope of the positive side is used, matching torch's ReLU
-        subgradient convention; the exact identity holds either way because the unit
-        contributes 0 there."""
+        At c = 0 exactly the slope of the *negative* side is used (0 for ReLU, γ for
+        LeakyReLU/PReLU), torch autograd's convention (its backward tests ``c > 0``) and
+        that of ``linop.operators.elementwise``; the exact identity holds either way because
+        the unit's value is 0 there."""
         if self.kind == "relu":
             return (x > 0).to(x.dtype)
         if self.kind in ("leaky_relu", "prelu"):
@@ -156,14 +157,17 @@ class MaxPoolNode(Node):
     stride: tuple[int, int] = (2, 2)
     padding: tuple[int, int] = (0, 0)
     dilation: tuple[int, int] = (1, 1)
+    ceil_mode: bool = False
 
     def forward(self, xs, x_b):
-        return F.max_pool2d(xs[0], self.kernel_size, self.stride, self.padding, self.dilation)
+        return F.max_pool2d(xs[0], self.kernel_size, self.stride, self.padding, self.dilation,
+                            ceil_mode=self.ceil_mode)
 
     def argmax(self, x: torch.Tensor) -> torch.Tensor:
         """Flat per-sample input index selected for every output (N, *out_shape)."""
         _, idx = F.max_pool2d(
-            x, self.kernel_size, self.stride, self.padding, self.dilation, return_indices=True
+            x, self.kernel_size, self.stride, self.padding, self.dilation,
+            ceil_mode=self.ceil_mode, return_indices=True,
         )
         # torch returns indices within each (H, W) plane; make them flat over (C, H, W).
         C, H, W = x.shape[1:]
@@ -199,6 +203,9 @@ class EquivalentNetwork:
     x_b : 1-D tensor, every bias of the network concatenated (seed 000 Fig. 2).
     bias_slices : name -> slice of ``x_b`` (the paper's b'[b_i]).
     unit_layers : ordered names of the unit layers (every conv and FC output).
+    module_nodes : torch module path -> name of the last node that module produced (filled by
+        ``linop.convert.from_torch``; see :meth:`node_for_module`).
+    unit_modules : unit layer -> torch module path of its conv / linear.
     """
 
     nodes: list[Node]
@@ -206,6 +213,8 @@ class EquivalentNetwork:
     x_b: torch.Tensor
     bias_slices: dict[str, slice] = field(default_factory=dict)
     name: str = "network"
+    module_nodes: dict[str, str] = field(default_factory=dict)
+    unit_modules: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
         self._index = {n.name: i for i, n in enumerate(self.nodes)}
@@ -252,6 +261,27 @@ class EquivalentNetwork:
             if isinstance(n, BiasNode) and n.unit_layer == layer:
                 return n
         return None
+
+    def node_for_module(self, path: str) -> Node:
+        """The last node produced by torch submodule ``path`` (e.g. ``"layer1.0"``, ``"bn3"``).
+
+        Its output equals that submodule's output, except where the converter folded the
+        module away: a conv / linear whose BatchNorm or Fixup multiplier was folded into it
+        (seed 000 Eq. 7) maps to its unit layer's LinearNode, i.e. the *folded* pre-bias value;
+        the BatchNorm itself maps to the BiasNode after it (the BN output)."""
+        if path in self.module_nodes:
+            return self.node(self.module_nodes[path])
+        hits = [n for n in self.nodes if n.source == path]
+        if hits:
+            return hits[-1]
+        known = sorted(self.module_nodes) or sorted({n.source for n in self.nodes if n.source})
+        raise KeyError(f"no node of {self.name} comes from module {path!r}; known modules: {known}")
+
+    def bias_values(self, name: str) -> torch.Tensor:
+        """The bias called ``name`` (a view of ``x_b[bias_slices[name]]``)."""
+        if name not in self.bias_slices:
+            raise KeyError(f"no bias named {name!r}; biases: {list(self.bias_slices)}")
+        return self.x_b[self.bias_slices[name]]
 
     @property
     def piecewise_linear(self) -> bool:
@@ -346,6 +376,36 @@ class EquivalentNetwork:
                 extra = n.kind
             lines.append(f"  {n.name:<24} {type(n).__name__:<15} {str(n.out_shape):<16} {extra}")
         return "\n".join(lines)
+
+    def describe(self) -> str:
+        """The unit layers (seed 000 Tables D.1/D.3/D.4): operator, output shape, number of
+        units, torch module, own bias and its slice of ``x_b``; then every other bias."""
+        lines = [
+            f"EquivalentNetwork {self.name}: input {self.input_shape}, dtype {self.dtype}, "
+            f"|x_b| = {self.n_bias}, {len(self.unit_layers)} unit layers, "
+            f"piecewise linear: {self.piecewise_linear}",
+            f"  {'layer':<8} {'operator':<16} {'out shape':<16} {'units':>8}  {'module':<20} own bias",
+        ]
+        own = set()
+        for layer in self.unit_layers:
+            n = self.unit_node(layer)
+            b = self.own_bias(layer)
+            if b is not None:
+                own.add(b.bias_name)
+                bias = f"{b.bias_name} x_b[{b.bias_slice.start}:{b.bias_slice.stop}]"
+            else:
+                bias = "-"
+            units = int(np.prod(n.out_shape))
+            lines.append(
+                f"  {layer:<8} {type(n.op).__name__:<16} {str(n.out_shape):<16} {units:>8}  "
+                f"{self.unit_modules.get(layer, n.source):<20} {bias}"
+            )
+        others = [(k, s) for k, s in self.bias_slices.items() if k not in own]
+        if others:
+            lines.append("  other biases: " + ", ".join(f"{k} x_b[{s.start}:{s.stop}]" for k, s in others))
+        return "\n".join(lines)
+
+    __str__ = describe
 
 
 class _nullcontext:

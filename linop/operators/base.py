@@ -229,12 +229,16 @@ def dottest(
     n_out, n_in = op.shape
     x = rng.standard_normal(n_in).astype(dtype)
     y = rng.standard_normal(n_out).astype(dtype)
-    yAx = float(np.dot(y, np.asarray(op.matvec(x)).ravel()))
-    xAty = float(np.dot(x, np.asarray(op.rmatvec(y)).ravel()))
+    Ax = np.asarray(backend.to_numpy(op.matvec(x))).ravel()
+    yAx = float(np.dot(y, Ax))
+    xAty = float(np.dot(x, np.asarray(backend.to_numpy(op.rmatvec(y))).ravel()))
     if rtol is None:
         # Both sides are sums of ~nnz rounded products; 1e3 ulps covers any realistic layer.
         rtol = 1e3 * np.finfo(dtype).eps
-    scale = max(abs(yAx), abs(xAty), np.finfo(dtype).tiny)
+    # Rounding errors scale with the size of the terms, not with the (possibly cancelled)
+    # result: floor the scale at the typical size of <Ax, y> for random y, ||Ax||·||y||/√n.
+    typical = float(np.linalg.norm(Ax.astype(np.float64)) * np.linalg.norm(y.astype(np.float64))) / np.sqrt(max(n_out, 1))
+    scale = max(abs(yAx), abs(xAty), typical, np.finfo(dtype).tiny)
     err = abs(yAx - xAty) / scale
     if raise_error and not err <= rtol:
         raise AssertionError(

@@ -1,0 +1,279 @@
+"""Benchmark: effective hypersurfaces of *all* units of *all* layers (RM2), one 32x32x3 image.
+
+``python -m bench.backmap [--models vgg7 resnet20] [--dtypes float32 float64]
+[--methods linop identity jacfwd jacrev] [--max-seconds 300] [--out results/bench_backmap.json]``
+
+Every method produces, per unit layer, the full Jacobian of the layer's pre-bias output
+w.r.t. ``[x; x_b]`` (image part and bias part, every unit), as dense tensors:
+
+* ``linop``    — this library: one forward sweep of compressed-window tangents
+  (:mod:`linop.jacobian`), then each layer's dense RM2 arrays ``(U, C, H, W)`` / ``(U, n_b)``
+  (:meth:`LayerJacobian.image` / ``bias``), i.e. including the densification.
+* ``identity`` — the paper's method (seed 000 Algorithm 1): forward-mode convolution of an
+  identity batch of ``C·H·W`` image tangents (3,072) plus one tangent per bias entry, through
+  the linearised network; the per-layer Jacobian is the tangent batch, ``(n_in, *out_shape)``.
+* ``jacfwd``   — ``torch.func.jacfwd`` of the bias-extended function, separately per layer.
+* ``jacrev``   — ``torch.func.jacrev`` (chunked, ``chunk_size`` = ``--jacrev-chunk``) per layer.
+
+Each (model, dtype, method) runs in its own subprocess; peak memory is the growth of that
+process's ``ru_maxrss`` (resident set high-water mark) during the timed run over the level
+after setup — it sees torch's allocations, unlike tracemalloc; it is page-granular and counts
+freed-and-reused memory once.  Every method's result is checked: ``<[x; x_b], H_u> = c_u`` for
+all units (max relative error reported).  A method that exceeds ``--max-seconds`` stops after
+the current layer and its total is reported as a lower bound (">").  Results are written to
+the JSON file after every run.  The machine may be shared: timings are wall-clock.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+METHODS = ("linop", "identity", "jacfwd", "jacrev")
+CHECKPOINTS = {"vgg7": "models/checkpoints/vgg7_digits32.pt", "resnet20": "models/checkpoints/resnet20_digits32.pt"}
+
+
+# ----------------------------------------------------------------------------- setup
+def build(model: str, dtype: torch.dtype):
+    """(EquivalentNetwork, image, description of the weights)."""
+    from linop.convert import from_torch
+
+    torch.manual_seed(0)
+    ckpt = Path(CHECKPOINTS.get(model, ""))
+    if model == "vgg7":
+        from models.vgg7 import vgg7 as ctor
+    elif model == "resnet20":
+        from models.resnet20 import resnet20 as ctor
+    else:
+        raise ValueError(f"--models: unknown model {model!r}; choose from {sorted(CHECKPOINTS)}")
+    module, weights = None, "random init (seed 0)"
+    if ckpt.is_file():
+        try:
+            from models.train import load_checkpoint
+
+            module = load_checkpoint(str(ckpt))
+            module = module[0] if isinstance(module, tuple) else module
+            weights = f"checkpoint {ckpt}"
+        except Exception as exc:  # noqa: BLE001 - fall back, but say so
+            weights = f"random init (seed 0; loading {ckpt} failed: {type(exc).__name__}: {exc})"
+            module = None
+    if module is None:
+        module = ctor()
+    module.eval()
+    net = from_torch(module, (3, 32, 32), dtype)
+    try:
+        from models.data import sample_images
+
+        x = sample_images(32)[0].to(dtype)
+        image = "sklearn sample image, 32x32"
+    except Exception:  # noqa: BLE001
+        x = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0)).to(dtype)
+        image = "uniform random image (seed 0)"
+    return net, x.reshape(3, 32, 32), weights, image
+
+
+def _maxrss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def _fn(net, node_name):
+    from linop.graph import InputNode
+
+    def f(x, x_b):
+        vals = {}
+        for n in net.nodes:
+            vals[n.name] = x.unsqueeze(0) if isinstance(n, InputNode) else n.forward([vals[j] for j in n.inputs], x_b)
+            if n.name == node_name:
+                return vals[n.name][0].reshape(-1)
+
+    return f
+
+
+def _check(HI, Hb, x, x_b, c, unit_major: bool) -> float:
+    """max_u |<[x;x_b], H_u> - c_u| / max|c| (outside the timed region)."""
+    if unit_major:
+        ch = HI.reshape(HI.shape[0], -1) @ x.reshape(-1) + Hb @ x_b
+    else:  # (n_in, U) tangent-major
+        ch = x.reshape(-1) @ HI.reshape(x.numel(), -1) + x_b @ Hb.reshape(x_b.numel(), -1)
+    return float(((ch.reshape(-1) - c).abs().max() / c.abs().max().clamp_min(1e-30)).item())
+
+
+# ----------------------------------------------------------------------------- methods
+def run_method(method: str, model: str, dtype_name: str, max_seconds: float, jacrev_chunk: int) -> dict:
+    from linop.jacobian import Linearisation, _State, linearise
+    from linop.graph import BiasNode, InputNode
+
+    dtype = getattr(torch, dtype_name)
+    net, x, weights, image = build(model, dtype)
+    x_b = net.x_b
+    pre = {k: v[0].reshape(-1) for k, v in net.preactivations(x.unsqueeze(0)).items()}
+    layers = net.unit_layers
+    res: dict[str, Any] = {"model": model, "dtype": dtype_name, "method": method, "weights": weights,
+                           "image": image, "layers": {}, "threads": torch.get_num_threads(), "complete": True}
+    setup = 0.0
+    if method == "linop":
+        t = time.perf_counter()
+        linearise(net, x).geometry()  # x-independent structure (cached per network)
+        setup = time.perf_counter() - t
+    res["setup_s"] = setup
+    rss0 = _maxrss_mib()
+    t_all = time.perf_counter()
+    if method == "linop":
+        lin = linearise(net, x, memory_budget="8GiB")
+        t = time.perf_counter()
+        for LJ in lin.sweep():
+            HI, Hb = LJ.image(), LJ.bias()
+            el = time.perf_counter() - t
+            res["layers"][LJ.name] = {"time_s": el, "rel_err": _check(HI, Hb, x, x_b, pre[LJ.name], True)}
+            del HI, Hb
+            t = time.perf_counter()
+    elif method == "identity":
+        lin = linearise(net, x, memory_budget="64GiB")
+        C, H, W = lin.image_shape
+        n = C * H * W
+        t = time.perf_counter()
+        states: dict[str, Any] = {}
+        last = {j: i for i, nd in enumerate(net.nodes) for j in nd.inputs}
+        P = (H, W)
+        for i, nd in enumerate(net.nodes):
+            if isinstance(nd, InputNode):
+                Ti = torch.eye(n, dtype=dtype).reshape((n,) + tuple(nd.out_shape))
+                st = _State(Ti, P, Ti.new_zeros((0,) + tuple(nd.out_shape)), torch.zeros(0, dtype=torch.long))
+            else:
+                ins = [states[j] for j in nd.inputs]
+                st = lin._step(nd, [s.Ti for s in ins], ins, P, True)
+            states[nd.name] = st
+            layer = getattr(nd, "unit_layer", None)
+            if layer and not isinstance(nd, BiasNode):
+                el = time.perf_counter() - t
+                Hb = torch.zeros((net.n_bias,) + tuple(nd.out_shape), dtype=dtype)
+                Hb[st.cols] = st.Tb
+                res["layers"][layer] = {"time_s": el, "rel_err": _check(st.Ti, Hb, x, x_b, pre[layer], False)}
+                del Hb
+                t = time.perf_counter()
+            for j in nd.inputs:
+                if last.get(j) == i:
+                    states.pop(j, None)
+            if time.perf_counter() - t_all > max_seconds:
+                res["complete"] = False
+                break
+    else:
+        from torch.func import jacfwd, jacrev
+
+        for layer in layers:
+            f = _fn(net, net.unit_node(layer).name)
+            t = time.perf_counter()
+            if method == "jacfwd":
+                HI, Hb = jacfwd(f, argnums=(0, 1))(x, x_b)
+            else:
+                HI, Hb = jacrev(f, argnums=(0, 1), chunk_size=jacrev_chunk)(x, x_b)
+            el = time.perf_counter() - t
+            res["layers"][layer] = {"time_s": el, "rel_err": _check(HI, Hb, x, x_b, pre[layer], True)}
+            del HI, Hb
+            if time.perf_counter() - t_all > max_seconds:
+                res["complete"] = len(res["layers"]) == len(layers)
+                break
+    res["total_s"] = sum(v["time_s"] for v in res["layers"].values())
+    res["peak_mib"] = _maxrss_mib() - rss0
+    res["peak_abs_mib"] = _maxrss_mib()
+    return res
+
+
+# ----------------------------------------------------------------------------- driver
+def _fmt_t(r: dict | None) -> str:
+    if r is None:
+        return "—"
+    if "error" in r:
+        return "failed"
+    return ("" if r["complete"] else ">") + f"{r['total_s']:.2f}"
+
+
+def markdown(results: list[dict]) -> str:
+    lines = []
+    keys = sorted({(r["model"], r["dtype"]) for r in results})
+    lines.append("| model | dtype | " + " | ".join(f"{m} (s)" for m in METHODS) +
+                 " | best baseline / linop | linop peak MiB | best-baseline peak MiB | max rel. err (linop) |")
+    lines.append("|" + "---|" * (len(METHODS) + 6))
+    for model, dt in keys:
+        by = {r["method"]: r for r in results if r["model"] == model and r["dtype"] == dt}
+        lin = by.get("linop")
+        base = [by[m] for m in METHODS[1:] if m in by and "error" not in by[m]]
+        best = min(base, key=lambda r: r["total_s"], default=None)
+        ratio = "—"
+        if lin and "error" not in lin and best is not None:
+            ratio = f"{'>' if not best['complete'] else ''}{best['total_s'] / lin['total_s']:.1f}x ({best['method']})"
+        err = max((v["rel_err"] for v in lin["layers"].values()), default=float("nan")) if lin and "error" not in lin else float("nan")
+        lines.append(f"| {model} | {dt} | " + " | ".join(_fmt_t(by.get(m)) for m in METHODS) +
+                     f" | {ratio} | {lin['peak_mib']:.0f} | {best['peak_mib'] if best else float('nan'):.0f} | {err:.1e} |"
+                     if lin and "error" not in lin else f"| {model} | {dt} | " + " | ".join(_fmt_t(by.get(m)) for m in METHODS) + " | — | — | — | — |")
+    layers_tbl = []
+    for model, dt in keys:
+        by = {r["method"]: r for r in results if r["model"] == model and r["dtype"] == dt and "error" not in r}
+        names = []
+        for r in by.values():
+            for l in r["layers"]:
+                if l not in names:
+                    names.append(l)
+        layers_tbl.append(f"\nPer-layer seconds, {model} {dt}:\n")
+        layers_tbl.append("| layer | " + " | ".join(m for m in METHODS if m in by) + " |")
+        layers_tbl.append("|---|" + "---|" * len([m for m in METHODS if m in by]))
+        for l in names:
+            layers_tbl.append(f"| {l} | " + " | ".join(
+                f"{by[m]['layers'][l]['time_s']:.3f}" if l in by[m]["layers"] else "—" for m in METHODS if m in by) + " |")
+    return "\n".join(lines + layers_tbl)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.backmap", description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", default=["vgg7", "resnet20"], choices=sorted(CHECKPOINTS))
+    p.add_argument("--dtypes", nargs="+", default=["float32", "float64"], choices=["float32", "float64"])
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--max-seconds", type=float, default=300.0, help="per-method time cap (lower bound reported)")
+    p.add_argument("--jacrev-chunk", type=int, default=512)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default="results/bench_backmap.json")
+    p.add_argument("--worker", nargs=3, metavar=("METHOD", "MODEL", "DTYPE"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.worker:
+        m, model, dt = args.worker
+        print(json.dumps(run_method(m, model, dt, args.max_seconds, args.jacrev_chunk)))
+        return 0
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    results: list[dict] = []
+    for model in args.models:
+        for dt in args.dtypes:
+            for m in args.methods:
+                cmd = [sys.executable, "-m", "bench.backmap", "--worker", m, model, dt, "--threads", str(args.threads),
+                       "--max-seconds", str(args.max_seconds), "--jacrev-chunk", str(args.jacrev_chunk)]
+                t = time.perf_counter()
+                proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
+                if proc.returncode != 0 or not proc.stdout.strip():
+                    r = {"model": model, "dtype": dt, "method": m, "error": proc.stderr.strip().splitlines()[-1:] or ["?"]}
+                    print(f"{model:9s} {dt:8s} {m:9s} FAILED: {r['error']}", flush=True)
+                else:
+                    r = json.loads(proc.stdout.strip().splitlines()[-1])
+                    print(f"{model:9s} {dt:8s} {m:9s} {_fmt_t(r):>8s} s  peak +{r['peak_mib']:.0f} MiB  "
+                          f"max rel err {max(v['rel_err'] for v in r['layers'].values()):.1e}  "
+                          f"(wall {time.perf_counter() - t:.0f} s)", flush=True)
+                results.append(r)
+                out.write_text(json.dumps({"results": results, "command": "python -m bench.backmap " + " ".join(argv or sys.argv[1:]),
+                                           "cpu_count": os.cpu_count(), "load_avg_at_end": os.getloadavg()}, indent=1))
+    md = markdown(results)
+    print("\n" + md)
+    out.with_suffix(".md").write_text(md + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

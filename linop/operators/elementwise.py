@@ -1,0 +1,193 @@
+"""Diagonal operators: activation slope masks ``Σ`` and smooth-activation derivatives.
+
+Seed 000 (appendix C, Eq. C.9) linearises every ReLU / LeakyReLU at the point through the
+diagonal Jacobian ``Σ_l = diag((1+γ)/2 + (1-γ)/2 · sgn(c_l))``; the recurrence
+``J_l = W_l Σ_{l-1} J_{l-1} + [0, R_l]`` then holds exactly because the activation is
+piecewise linear through the origin.  Seed 001 needs the derivative diagonals of tanh and
+sigmoid for its reconstructions (these are only first-order, not exact).
+
+Convention at a kink (e.g. ``c = 0`` for ReLU): **torch autograd's**.  ReLU, LeakyReLU and
+PReLU take the *negative-side* slope at exactly 0 (ReLU: 0, LeakyReLU/PReLU: γ), because
+torch's backward tests ``x > 0``.  For a ReLU-like activation the exact identity
+``σ(c) = Σ c`` holds either way, since the unit's value is 0 there.
+"""
+from __future__ import annotations
+
+from math import prod
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .. import backend
+from .base import Operator, as_shape, numpy_dtype
+from .conv import as_cpu_tensor
+
+__all__ = [
+    "Diagonal",
+    "ReLUMask",
+    "LeakyReLUMask",
+    "PReLUMask",
+    "PiecewiseLinearMask",
+    "TanhDerivative",
+    "SigmoidDerivative",
+]
+
+
+def _point(x: Any, who: str) -> torch.Tensor:
+    t = x.detach().to("cpu") if isinstance(x, torch.Tensor) else backend.to_torch(backend.to_numpy(x))
+    if t.dim() == 0 or t.numel() == 0:
+        raise ValueError(f"{who}: x must be a non-empty per-sample array, got shape {tuple(t.shape)}")
+    if not t.is_floating_point():
+        t = t.to(torch.float64)
+    return t.clone().contiguous()
+
+
+class Diagonal(Operator):
+    """``y = d ⊙ x``: the diagonal matrix ``diag(d)`` on tensors of shape ``shape``.
+
+    Parameters
+    ----------
+    d : array or tensor with ``prod(shape)`` entries
+    shape : per-sample shape (default ``d.shape``)
+    keep_zeros : bool
+        ``to_sparse()`` drops the entries where ``d == 0`` (inactive units of a mask are
+        not structural non-zeros) unless this is True.
+    """
+
+    def __init__(self, d: Any, shape: Sequence[int] | None = None, keep_zeros: bool = False):
+        dt = as_cpu_tensor(d, "d")
+        shp = as_shape(tuple(dt.shape) if shape is None else shape, "shape")
+        if dt.numel() != prod(shp):
+            raise ValueError(f"{type(self).__name__}: d has {dt.numel()} entries but shape={shp} needs {prod(shp)}")
+        self.diag = dt.reshape(shp).contiguous()
+        self.keep_zeros = bool(keep_zeros)
+        super().__init__(shp, shp, dtype=numpy_dtype(dt.dtype))
+
+    def _apply(self, x):
+        return x * self._param("diag", x)
+
+    _apply_adjoint = _apply  # diagonal: self-adjoint
+
+    def _coo(self):
+        v = self.diag.numpy().ravel()
+        idx = np.arange(v.size) if self.keep_zeros else np.flatnonzero(v)
+        return idx, idx, v[idx]
+
+
+class ReLUMask(Diagonal):
+    """``Σ = diag(1[x > 0])`` — ReLU's slopes at the pre-activation ``x`` (0 at x = 0, like torch)."""
+
+    def __init__(self, x: Any):
+        t = _point(x, "ReLUMask")
+        super().__init__((t > 0).to(t.dtype))
+
+
+class LeakyReLUMask(Diagonal):
+    """``Σ = diag(1 if x > 0 else γ)`` (seed 000 Eq. C.9); γ at x = 0, like torch."""
+
+    def __init__(self, x: Any, negative_slope: float = 0.01):
+        t = _point(x, "LeakyReLUMask")
+        try:
+            g = float(negative_slope)
+        except (TypeError, ValueError):
+            raise ValueError(f"LeakyReLUMask: negative_slope must be a float, got {negative_slope!r}") from None
+        if not np.isfinite(g):
+            raise ValueError(f"LeakyReLUMask: negative_slope must be finite, got {negative_slope!r}")
+        self.negative_slope = g
+        super().__init__(torch.where(t > 0, torch.ones_like(t), torch.full_like(t, g)))
+
+
+class PReLUMask(Diagonal):
+    """PReLU slopes: ``1`` where ``x > 0`` else the learned slope (scalar, or one per channel
+    along axis 0 of ``x``, as ``torch.nn.PReLU(num_parameters=C)``); the slope at x = 0, like torch."""
+
+    def __init__(self, x: Any, weight: Any):
+        t = _point(x, "PReLUMask")
+        w = as_cpu_tensor(weight, "weight").reshape(-1).to(t.dtype)
+        if w.numel() == 1:
+            g = w.reshape(())
+        elif t.dim() >= 1 and w.numel() == t.shape[0]:
+            g = w.reshape((-1,) + (1,) * (t.dim() - 1))
+        else:
+            raise ValueError(
+                f"PReLUMask: weight must have 1 or C={t.shape[0]} entries (x shape {tuple(t.shape)}), got {w.numel()}"
+            )
+        self.weight = w
+        super().__init__(torch.where(t > 0, torch.ones_like(t), g.expand_as(t)))
+
+
+class PiecewiseLinearMask(Diagonal):
+    """Slopes of any piecewise-linear activation at ``x``.
+
+    Parameters
+    ----------
+    x : pre-activation (one sample)
+    breakpoints : increasing sequence ``b_1 < … < b_k``
+    slopes : ``k + 1`` slopes, ``slopes[i]`` on ``(b_i, b_{i+1})`` (with ``b_0 = -inf``,
+        ``b_{k+1} = +inf``)
+    at_breakpoint : ``"left"`` (default; slope of the interval below — ReLU / LeakyReLU's
+        torch convention), ``"right"``, or a sequence of ``k`` values used at exactly
+        ``b_i`` (e.g. ``[0, 0]`` reproduces torch's hardtanh / ReLU6 gradients).
+
+    Examples
+    --------
+    ReLU: ``breakpoints=[0], slopes=[0, 1]``; hardtanh: ``[-1, 1], [0, 1, 0], at_breakpoint=[0, 0]``.
+    """
+
+    def __init__(self, x: Any, breakpoints: Sequence[float], slopes: Sequence[float], at_breakpoint: Any = "left"):
+        t = _point(x, "PiecewiseLinearMask")
+        b = torch.as_tensor(np.asarray(breakpoints, dtype=np.float64).reshape(-1), dtype=t.dtype)
+        s = torch.as_tensor(np.asarray(slopes, dtype=np.float64).reshape(-1), dtype=t.dtype)
+        if s.numel() != b.numel() + 1:
+            raise ValueError(
+                f"PiecewiseLinearMask: need len(slopes) = len(breakpoints) + 1, got {s.numel()} slopes "
+                f"for {b.numel()} breakpoints"
+            )
+        if b.numel() > 1 and not bool((b[1:] > b[:-1]).all()):
+            raise ValueError(f"PiecewiseLinearMask: breakpoints must be strictly increasing, got {list(breakpoints)}")
+        if not (bool(torch.isfinite(b).all()) and bool(torch.isfinite(s).all())):
+            raise ValueError("PiecewiseLinearMask: breakpoints and slopes must be finite")
+        # index of the interval: number of breakpoints strictly below x ("left" at a kink)
+        flat = t.reshape(-1)
+        nb = b.numel()
+        i_left = torch.searchsorted(b, flat, right=False)
+        d = s[i_left]
+        if nb:
+            at_kink = (i_left < nb) & (flat == b[i_left.clamp(max=nb - 1)])
+        else:
+            at_kink = torch.zeros_like(flat, dtype=torch.bool)
+        if isinstance(at_breakpoint, str):
+            if at_breakpoint == "right":
+                d = torch.where(at_kink, s[(i_left + 1).clamp(max=nb)], d)
+            elif at_breakpoint != "left":
+                raise ValueError(
+                    f"PiecewiseLinearMask: at_breakpoint must be 'left', 'right' or {nb} values, got {at_breakpoint!r}"
+                )
+        else:
+            v = torch.as_tensor(np.asarray(at_breakpoint, dtype=np.float64).reshape(-1), dtype=t.dtype)
+            if v.numel() != nb:
+                raise ValueError(
+                    f"PiecewiseLinearMask: at_breakpoint needs {nb} values (one per breakpoint), got {v.numel()}"
+                )
+            if nb:
+                d = torch.where(at_kink, v[i_left.clamp(max=nb - 1)], d)
+        self.breakpoints, self.slopes = b, s
+        super().__init__(d.reshape(t.shape))
+
+
+class TanhDerivative(Diagonal):
+    """``diag(1 - tanh(x)²)``: the Jacobian of tanh at ``x`` (first order only)."""
+
+    def __init__(self, x: Any):
+        t = _point(x, "TanhDerivative")
+        super().__init__(1 - torch.tanh(t) ** 2, keep_zeros=True)
+
+
+class SigmoidDerivative(Diagonal):
+    """``diag(s (1 - s))`` with ``s = sigmoid(x)``: the Jacobian of sigmoid at ``x``."""
+
+    def __init__(self, x: Any):
+        t = _point(x, "SigmoidDerivative")
+        s = torch.sigmoid(t)
+        super().__init__(s * (1 - s), keep_zeros=True)

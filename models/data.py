@@ -1,0 +1,356 @@
+"""Data sets for the reference models: embedded digits, CIFAR-10/100 and MNIST from disk.
+
+No download ever happens.  The embedded default is scikit-learn's bundled handwritten digits
+(``sklearn.datasets.load_digits``: 1,797 real 8x8 images, 10 classes, integer grey levels
+0..16 scaled to [0, 1]) with a fixed, seeded, stratified train / validation / test split;
+``"digits32"`` is the same split upsampled bilinearly to 32x32 and replicated to 3 channels for
+the CIFAR-shaped models (VGG7, ResNet20).
+
+CIFAR-10/100 are read from the standard "python version" directory (pickled ``data_batch_1..5``
++ ``test_batch`` with ``b"data"`` / ``b"labels"``; CIFAR-100: ``train`` / ``test`` with
+``b"fine_labels"`` and ``meta``), MNIST from its IDX files (``train-images-idx3-ubyte`` ...,
+optionally gzipped).  The validation set is a seeded random ``val_fraction`` of the official
+training set (0.1 gives seed 000's 45k / 5k CIFAR split, §4.1).
+
+Normalisation (``normalize=``): ``"none"`` (pixels in [0, 1]); ``"paper"`` -- seed 000 §4.1's
+CIFAR channel mean (0.4914, 0.4822, 0.4465) and std (0.2023, 0.1994, 0.2010) (the paper calls
+the latter "variance"; its code [34] divides by it as a std); ``"dataset"`` -- per-channel mean
+and std of the training split; ``"instance"`` -- each image standardised to zero mean and unit
+std (seed 001 §4, "instance normalized").
+"""
+from __future__ import annotations
+
+import gzip
+import os
+import pickle
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = ["Dataset", "load_dataset", "sample_images", "DATASETS", "NORMALIZATIONS",
+           "PAPER_CIFAR_MEAN", "PAPER_CIFAR_STD", "digits_split"]
+
+#: seed 000 §4.1, normalisation of the RGB channels (code [34])
+PAPER_CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+PAPER_CIFAR_STD = (0.2023, 0.1994, 0.2010)
+DATASETS = ("digits", "digits32", "cifar10", "cifar100", "mnist")
+NORMALIZATIONS = ("none", "paper", "dataset", "instance")
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                   "ship", "truck")
+#: digits split sizes (stratified, seeded): 1,797 = 1,077 train + 360 val + 360 test
+DIGITS_VAL, DIGITS_TEST = 360, 360
+
+
+@dataclass
+class Dataset:
+    """A split data set: images ``(N, C, H, W)`` float32, labels ``(N,)`` int64."""
+
+    name: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    classes: list[str]
+    input_shape: tuple[int, int, int]
+    normalize: str = "none"
+    #: per-channel (mean, std) applied, when the normalisation is per channel
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    info: dict = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def splits(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        return {"train": (self.x_train, self.y_train), "val": (self.x_val, self.y_val),
+                "test": (self.x_test, self.y_test)}
+
+
+# ----------------------------------------------------------------------------- digits
+def digits_split(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Indices (train, val, test) of the fixed stratified digits split (1077 / 360 / 360)."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    y = load_digits().target
+    idx = np.arange(len(y))
+    rest, test = train_test_split(idx, test_size=DIGITS_TEST, stratify=y, random_state=seed)
+    train, val = train_test_split(rest, test_size=DIGITS_VAL, stratify=y[rest],
+                                  random_state=seed + 1)
+    return np.sort(train), np.sort(val), np.sort(test)
+
+
+def _load_digits(upsample: int | None, seed: int):
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.from_numpy(d.images.astype(np.float32) / 16.0).unsqueeze(1)  # grey levels 0..16
+    if upsample:
+        # bilinear weights are convex, so the result stays in [0, 1]
+        x = F.interpolate(x, size=(upsample, upsample), mode="bilinear", align_corners=False)
+        x = x.expand(-1, 3, -1, -1).contiguous()
+    y = torch.from_numpy(d.target.astype(np.int64))
+    tr, va, te = (torch.from_numpy(i) for i in digits_split(seed))
+    return (x[tr], y[tr], x[va], y[va], x[te], y[te]), [str(c) for c in d.target_names]
+
+
+# ----------------------------------------------------------------------------- CIFAR
+def _find_dir(root: str | os.PathLike | None, sub: str, required: Sequence[str], name: str) -> Path:
+    if root is None:
+        raise ValueError(f"load_dataset({name!r}): root=None; give the directory holding "
+                         f"{sub}/ (or the files {', '.join(required)}); nothing is downloaded")
+    root = Path(root)
+    for cand in (root, root / sub):
+        if all((cand / f).exists() for f in required):
+            return cand
+    # report against the candidate directory that is most complete
+    best = min((root, root / sub), key=lambda c: sum(not (c / f).exists() for f in required))
+    missing = [f for f in required if not (best / f).exists()]
+    raise FileNotFoundError(f"load_dataset({name!r}): missing file(s) {missing} in {best} "
+                            f"(looked in {root} and {root / sub}); expected the standard {sub} "
+                            f"layout with {', '.join(required)}")
+
+
+def _unpickle(path: Path, keys: Sequence[bytes]) -> dict:
+    what = f"a pickled dict with keys {[k.decode() for k in keys]} (CIFAR python version)"
+    try:
+        with open(path, "rb") as fh:
+            d = pickle.load(fh, encoding="bytes")
+    except Exception as exc:  # corrupt / truncated / not a pickle
+        raise ValueError(f"corrupt CIFAR file {path}: could not unpickle ({exc}); "
+                         f"expected {what}") from exc
+    if not isinstance(d, dict) or any(k not in d for k in keys):
+        have = sorted(d.keys()) if isinstance(d, dict) else type(d).__name__
+        raise ValueError(f"corrupt CIFAR file {path}: found {have}; expected {what}")
+    return d
+
+
+def _cifar_arrays(path: Path, label_key: bytes, num_classes: int):
+    d = _unpickle(path, (b"data", label_key))
+    data = np.asarray(d[b"data"])
+    labels = np.asarray(d[label_key])
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise ValueError(f"corrupt CIFAR file {path}: b'data' is {data.dtype} {data.shape}; "
+                         "expected uint8 of shape (N, 3072) (3x32x32, channel-major)")
+    if labels.shape != (data.shape[0],):
+        raise ValueError(f"corrupt CIFAR file {path}: {len(labels)} labels for "
+                         f"{data.shape[0]} images; expected one {label_key.decode()} per image")
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"corrupt CIFAR file {path}: labels in [{labels.min()}, "
+                         f"{labels.max()}]; expected 0..{num_classes - 1}")
+    x = torch.from_numpy(data.reshape(-1, 3, 32, 32).astype(np.float32) / 255.0)
+    return x, torch.from_numpy(labels.astype(np.int64))
+
+
+def _load_cifar10(root):
+    files = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    d = _find_dir(root, "cifar-10-batches-py", files, "cifar10")
+    parts = [_cifar_arrays(d / f, b"labels", 10) for f in files[:5]]
+    x_tr, y_tr = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    x_te, y_te = _cifar_arrays(d / "test_batch", b"labels", 10)
+    classes = list(CIFAR10_CLASSES)
+    if (d / "batches.meta").exists():
+        meta = _unpickle(d / "batches.meta", (b"label_names",))
+        classes = [n.decode() for n in meta[b"label_names"]]
+    return x_tr, y_tr, x_te, y_te, classes
+
+
+def _load_cifar100(root, label_mode: str):
+    d = _find_dir(root, "cifar-100-python", ["train", "test", "meta"], "cifar100")
+    key, n = {"fine": (b"fine_labels", 100), "coarse": (b"coarse_labels", 20)}[label_mode]
+    x_tr, y_tr = _cifar_arrays(d / "train", key, n)
+    x_te, y_te = _cifar_arrays(d / "test", key, n)
+    meta = _unpickle(d / "meta", (key.replace(b"labels", b"label_names"),))
+    classes = [c.decode() for c in meta[key.replace(b"labels", b"label_names")]]
+    if len(classes) != n:
+        raise ValueError(f"corrupt CIFAR file {d / 'meta'}: {len(classes)} "
+                         f"{label_mode} label names; expected {n}")
+    return x_tr, y_tr, x_te, y_te, classes
+
+
+# ----------------------------------------------------------------------------- MNIST
+_MNIST_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+                "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+
+
+def _read_idx(path: Path, ndim: int) -> np.ndarray:
+    """Read an IDX file of unsigned bytes with ``ndim`` dimensions (magic 0x0000 08 ndim)."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as fh:
+            raw = fh.read()
+    except (OSError, EOFError) as exc:
+        raise ValueError(f"corrupt MNIST file {path}: cannot read ({exc})") from exc
+    expect = f"IDX magic 0x000008{ndim:02x} (unsigned bytes, {ndim} dims)"
+    if len(raw) < 4 + 4 * ndim:
+        raise ValueError(f"corrupt MNIST file {path}: {len(raw)} bytes, too short for an IDX "
+                         f"header; expected {expect}")
+    magic = struct.unpack(">I", raw[:4])[0]
+    if magic != 0x0800 + ndim:
+        raise ValueError(f"corrupt MNIST file {path}: magic 0x{magic:08x}; expected {expect}")
+    dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
+    n = int(np.prod(dims))
+    body = raw[4 + 4 * ndim:]
+    if len(body) != n:
+        raise ValueError(f"corrupt MNIST file {path}: {len(body)} data bytes; the header "
+                         f"dims {dims} need exactly {n}")
+    return np.frombuffer(body, dtype=np.uint8).reshape(dims)
+
+
+def _mnist_file(d: Path, f: str) -> Path:
+    return d / f if (d / f).exists() else d / (f + ".gz")
+
+
+def _load_mnist(root):
+    req = [f for pair in _MNIST_FILES.values() for f in pair]
+    if root is None:
+        raise ValueError("load_dataset('mnist'): root=None; give the directory holding the IDX "
+                         f"files {req} (optionally .gz); nothing is downloaded")
+    root = Path(root)
+    cands = (root, root / "MNIST" / "raw", root / "raw")
+    d = next((c for c in cands if all(_mnist_file(c, f).exists() for f in req)), None)
+    if d is None:
+        missing = [f for f in req if not _mnist_file(root, f).exists()]
+        raise FileNotFoundError(f"load_dataset('mnist'): missing file(s) {missing} in {root} "
+                                "(also looked in MNIST/raw and raw); expected the IDX files "
+                                f"{req}, plain or .gz")
+    out = []
+    for split, (fi, fl) in _MNIST_FILES.items():
+        pi, pl = _mnist_file(d, fi), _mnist_file(d, fl)
+        img, lab = _read_idx(pi, 3), _read_idx(pl, 1)
+        if img.shape[0] != lab.shape[0]:
+            raise ValueError(f"corrupt MNIST files: {pi} has {img.shape[0]} images but {pl} has "
+                             f"{lab.shape[0]} labels; expected equal counts")
+        if lab.size and lab.max() > 9:
+            raise ValueError(f"corrupt MNIST file {pl}: label {lab.max()}; expected 0..9")
+        out += [torch.from_numpy(img.astype(np.float32) / 255.0).unsqueeze(1),
+                torch.from_numpy(lab.astype(np.int64))]
+    return (*out, [str(i) for i in range(10)])
+
+
+# ----------------------------------------------------------------------------- API
+def _split_val(x, y, val_fraction: float, seed: int):
+    n = x.shape[0]
+    n_val = int(round(val_fraction * n))
+    if n_val >= n:
+        raise ValueError(f"val_fraction={val_fraction} leaves no training images out of {n}")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    va, tr = perm[:n_val].sort().values, perm[n_val:].sort().values
+    return x[tr], y[tr], x[va], y[va]
+
+
+def _normalize(ds: Dataset, mode) -> Dataset:
+    if isinstance(mode, (tuple, list)) and len(mode) == 2:
+        mean, std = (tuple(float(v) for v in m) for m in mode)
+        label = "custom"
+    elif mode in (None, "none"):
+        return ds
+    elif mode == "paper":
+        if ds.input_shape[0] != 3:
+            raise ValueError(f"normalize='paper' is the CIFAR RGB mean/std (seed 000 §4.1) and "
+                             f"needs 3 channels; {ds.name} has {ds.input_shape[0]}")
+        mean, std, label = PAPER_CIFAR_MEAN, PAPER_CIFAR_STD, "paper"
+    elif mode == "dataset":
+        mean = tuple(ds.x_train.mean(dim=(0, 2, 3)).tolist())
+        std = tuple(ds.x_train.std(dim=(0, 2, 3)).clamp_min(1e-12).tolist())
+        label = "dataset"
+    elif mode == "instance":
+        def inst(x):
+            m = x.mean(dim=(1, 2, 3), keepdim=True)
+            s = x.std(dim=(1, 2, 3), keepdim=True).clamp_min(1e-6)  # blank images stay finite
+            return (x - m) / s
+        ds.x_train, ds.x_val, ds.x_test = inst(ds.x_train), inst(ds.x_val), inst(ds.x_test)
+        ds.normalize = "instance"
+        return ds
+    else:
+        raise ValueError(f"normalize={mode!r} not supported; choose one of {NORMALIZATIONS} "
+                         "or a (mean, std) pair of per-channel sequences")
+    if len(mean) != ds.input_shape[0] or len(std) != ds.input_shape[0]:
+        raise ValueError(f"normalize: mean/std of length {len(mean)}/{len(std)} for "
+                         f"{ds.input_shape[0]} channels")
+    m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    ds.x_train, ds.x_val, ds.x_test = ((t - m) / s for t in (ds.x_train, ds.x_val, ds.x_test))
+    ds.normalize, ds.mean, ds.std = label, tuple(mean), tuple(std)
+    return ds
+
+
+def load_dataset(name: str, root: str | os.PathLike | None = None, *, normalize="none",
+                 val_fraction: float = 0.1, seed: int = 0, label_mode: str = "fine",
+                 limit: int | None = None) -> Dataset:
+    """Load a data set as float32 ``(N, C, H, W)`` images and int64 labels.
+
+    Parameters
+    ----------
+    name : {"digits", "digits32", "cifar10", "cifar100", "mnist"}
+        ``digits``: sklearn's 8x8 digits ``(N, 1, 8, 8)``; ``digits32``: upsampled to
+        ``(N, 3, 32, 32)``; the others are read from ``root``.
+    root : path, optional
+        Directory with the CIFAR python-version files (or its parent) / the MNIST IDX files.
+    normalize : {"none", "paper", "dataset", "instance"} or (mean, std)
+        See module docstring.
+    val_fraction : float
+        Share of the official training set held out for validation (CIFAR / MNIST); the digits
+        split is fixed (1077 / 360 / 360).
+    seed : int
+        Seed of the split.
+    label_mode : {"fine", "coarse"}
+        CIFAR-100 labels.
+    limit : int, optional
+        Keep at most this many images per split (the first ones), for quick experiments.
+
+    Returns
+    -------
+    Dataset
+    """
+    if name not in DATASETS:
+        raise ValueError(f"load_dataset: name={name!r} not supported; choose one of {DATASETS}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"load_dataset: val_fraction={val_fraction} must be in [0, 1)")
+    if label_mode not in ("fine", "coarse"):
+        raise ValueError(f"load_dataset: label_mode={label_mode!r}; choose 'fine' or 'coarse'")
+    if limit is not None and limit < 1:
+        raise ValueError(f"load_dataset: limit={limit} must be >= 1")
+    if name in ("digits", "digits32"):
+        (xtr, ytr, xva, yva, xte, yte), classes = _load_digits(32 if name == "digits32" else None,
+                                                               seed)
+    else:
+        if name == "cifar10":
+            xtr, ytr, xte, yte, classes = _load_cifar10(root)
+        elif name == "cifar100":
+            xtr, ytr, xte, yte, classes = _load_cifar100(root, label_mode)
+        else:
+            xtr, ytr, xte, yte, classes = _load_mnist(root)
+        xtr, ytr, xva, yva = _split_val(xtr, ytr, val_fraction, seed)
+    if limit is not None:
+        xtr, ytr, xva, yva, xte, yte = (t[:limit] for t in (xtr, ytr, xva, yva, xte, yte))
+    ds = Dataset(name, xtr, ytr, xva, yva, xte, yte, classes, tuple(xtr.shape[1:]))
+    return _normalize(ds, normalize)
+
+
+def sample_images(size: int = 32) -> torch.Tensor:
+    """scikit-learn's two bundled photographs (china, flower) as ``(2, 3, size, size)`` in
+    [0, 1]: centre-cropped to a square, then resized with antialiased bilinear interpolation."""
+    from sklearn.datasets import load_sample_images
+
+    if size < 1:
+        raise ValueError(f"sample_images: size={size} must be >= 1")
+    imgs = load_sample_images().images  # list of (427, 640, 3) uint8
+    out = []
+    for im in imgs:
+        h, w, _ = im.shape
+        s = min(h, w)
+        top, left = (h - s) // 2, (w - s) // 2
+        t = torch.from_numpy(np.ascontiguousarray(im[top:top + s, left:left + s]))
+        out.append(t.permute(2, 0, 1).float().div(255.0))
+    x = torch.stack(out)
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return x.clamp(0.0, 1.0)

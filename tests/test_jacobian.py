@@ -1,0 +1,270 @@
+"""Linearisation (seed 000 appendix C): compressed-window Jacobians vs torch autograd.
+
+All checks are float64.  The Jacobian rows are computed along different paths (forward
+compressed tangents, reverse VJPs, autograd of the bias-extended function), so agreement is
+up to rounding of sums of ~10^2–10^4 products: we use 1e-10 relative to the row's largest
+entry (≈ 10^5 ulps of float64 — generous for rounding, hopeless for any structural error).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from linop.convert import from_torch
+from linop.graph import InputNode
+from linop.jacobian import linearise, parse_memory
+
+RTOL = 1e-10
+
+
+def _perturb_bn(m: nn.Module, seed: int) -> nn.Module:
+    """Random eval-mode BN statistics so that every bias (x_b) is non-zero."""
+    g = torch.Generator().manual_seed(seed)
+    for mod in m.modules():
+        if isinstance(mod, (nn.BatchNorm2d, nn.BatchNorm1d)):
+            n = mod.num_features
+            mod.running_mean.copy_(0.2 * torch.randn(n, generator=g))
+            mod.running_var.copy_(0.5 + torch.rand(n, generator=g))
+            mod.weight.data.copy_(0.5 + torch.rand(n, generator=g))
+            mod.bias.data.copy_(0.3 * torch.randn(n, generator=g))
+    return m.eval()
+
+
+def extended_fn(net, node_name):
+    """f(x, x_b) = the node's output, evaluated node by node (autograd-friendly, no no_grad)."""
+
+    def f(x, x_b):
+        vals = {}
+        for n in net.nodes:
+            vals[n.name] = x.unsqueeze(0) if isinstance(n, InputNode) else n.forward([vals[j] for j in n.inputs], x_b)
+            if n.name == node_name:
+                return vals[n.name][0].reshape(-1)
+
+    return f
+
+
+def autograd_rows(net, layer, x, units):
+    """Rows ``units`` of autograd's Jacobian of f(x, x_b): one reverse pass per sampled unit."""
+    node = net.unit_node(layer)
+    xx = x.clone().requires_grad_(True)
+    xb = net.x_b.clone().requires_grad_(True)
+    out = extended_fn(net, node.name)(xx, xb)
+    rows = [torch.autograd.grad(out[int(u)], (xx, xb), retain_graph=True, allow_unused=True) for u in units]
+    JI = torch.stack([r[0] if r[0] is not None else torch.zeros_like(x) for r in rows])
+    Jb = torch.stack([r[1] if r[1] is not None else torch.zeros_like(net.x_b) for r in rows])
+    return JI, Jb
+
+
+def assert_rows_close(A, B, what):
+    A = A.reshape(A.shape[0], -1)
+    B = B.reshape(B.shape[0], -1)
+    scale = B.abs().amax(dim=1, keepdim=True).clamp_min(1e-300)
+    err = ((A - B).abs() / scale).max().item()
+    assert err <= RTOL, f"{what}: max relative row error {err:.3e} > {RTOL}"
+
+
+# ----------------------------------------------------------------------------- models
+
+
+class RandomGraph(nn.Module):
+    """A small random piecewise-linear architecture: strided convs, a residual sum, a channel
+    concatenation, max pooling (argmax selection), average pooling, LeakyReLU/ReLU, FC."""
+
+    def __init__(self, c: int, stride: int, pool: str, slope: float, cat: bool, k: int):
+        super().__init__()
+        self.conv0 = nn.Conv2d(2, c, k, padding=k // 2)
+        self.bn0 = nn.BatchNorm2d(c)
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1, stride=1)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1)
+        self.act = nn.LeakyReLU(slope) if slope > 0 else nn.ReLU()
+        self.cat = cat
+        c2 = 2 * c if cat else c
+        self.conv3 = nn.Conv2d(c2, c, 3, padding=1, stride=stride)
+        self.pool = nn.MaxPool2d(2) if pool == "max" else nn.AvgPool2d(3, stride=2, padding=1)
+        self.gap = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(c, 3)
+
+    def forward(self, x):
+        a = self.act(self.bn0(self.conv0(x)))
+        b = self.act(self.conv1(a))
+        r = self.act(self.conv2(b) + a)  # residual sum
+        if self.cat:
+            r = torch.cat([r, b], dim=1)  # concatenation
+        y = self.act(self.conv3(r))
+        y = self.pool(y)
+        return self.fc(torch.flatten(self.gap(y), 1))
+
+
+def _net(module, shape, seed=0):
+    torch.manual_seed(seed)
+    return from_torch(_perturb_bn(module, seed), shape, torch.float64)
+
+
+@pytest.fixture(scope="module")
+def vgg():
+    from models.vgg7 import vgg7
+
+    torch.manual_seed(0)
+    return _net(vgg7(), (3, 12, 12))
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    from models.resnet20 import resnet20
+
+    torch.manual_seed(1)
+    return _net(resnet20(), (3, 8, 8), seed=1)
+
+
+@pytest.fixture(scope="module")
+def fixup():
+    from models.fixup_resnet20 import fixup_resnet20
+
+    torch.manual_seed(2)
+    m = fixup_resnet20(zero_init=False)
+    g = torch.Generator().manual_seed(3)
+    for name, p in m.named_parameters():
+        if p.numel() == 1:  # Fixup scalar biases / multipliers: make them non-trivial
+            p.data.copy_(0.1 * torch.randn(1, generator=g) + (1.0 if "scale" in name else 0.0))
+    return _net(m, (3, 8, 8), seed=2)
+
+
+def _x(net, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(net.input_shape, generator=g, dtype=torch.float64) - 0.3
+
+
+# ----------------------------------------------------------------------------- tests
+
+
+def test_rows_match_autograd_vgg7(vgg):
+    """H rows == rows of autograd's Jacobian of f(x, x_b) for sampled units of every layer."""
+    x = _x(vgg)
+    lin = linearise(vgg, x)
+    g = torch.Generator().manual_seed(5)
+    for LJ in lin.sweep():
+        units = torch.randint(0, LJ.n_units, (6,), generator=g)
+        JI, Jb = autograd_rows(vgg, LJ.name, x, units)
+        assert_rows_close(LJ.image(units), JI, f"{LJ.name} image part")
+        assert_rows_close(LJ.bias(units), Jb, f"{LJ.name} bias part")
+
+
+@pytest.mark.parametrize("which", ["resnet", "fixup"])
+def test_rows_match_autograd_resnets(which, request):
+    net = request.getfixturevalue(which)
+    x = _x(net, 1)
+    lin = linearise(net, x)
+    g = torch.Generator().manual_seed(6)
+    for LJ in lin.sweep(net.unit_layers[::3] + ["FC"]):
+        units = torch.randint(0, LJ.n_units, (4,), generator=g)
+        JI, Jb = autograd_rows(net, LJ.name, x, units)
+        assert_rows_close(LJ.image(units), JI, f"{which} {LJ.name} image part")
+        assert_rows_close(LJ.bias(units), Jb, f"{which} {LJ.name} bias part")
+
+
+def _check_identity_all_units(net, x, scale=1.0):
+    """<[x; x_b], H_u> == c_u for every unit of every layer.  ĉ and c are computed along
+    different paths (sum over the window vs the forward pass): 1e-12 relative to the layer's
+    largest |c| (~ 5000 ulps) bounds rounding of these short float64 sums."""
+    lin = linearise(net, x, scale=scale)
+    pre = lin.preactivations()
+    seen = []
+    for LJ in lin.sweep():
+        c = pre[LJ.name]
+        ch = LJ.dot(x, net.x_b)
+        err = ((ch - c).abs().max() / c.abs().max().clamp_min(1e-300)).item()
+        assert err <= 1e-12, f"{LJ.name}: max |ĉ - c| / max|c| = {err:.3e}"
+        seen.append(LJ.name)
+    assert seen == net.unit_layers
+
+
+def test_identity_all_units_reference_models(vgg, resnet, fixup):
+    for net, seed in ((vgg, 0), (resnet, 1), (fixup, 2)):
+        _check_identity_all_units(net, _x(net, seed))
+
+
+@given(
+    c=st.sampled_from([2, 3]),
+    stride=st.sampled_from([1, 2]),
+    pool=st.sampled_from(["max", "avg"]),
+    slope=st.sampled_from([0.0, 0.1]),
+    cat=st.booleans(),
+    k=st.sampled_from([1, 3, 5]),
+    hw=st.sampled_from([(6, 6), (8, 5)]),
+    seed=st.integers(0, 2**16),
+)
+@settings(max_examples=12)
+def test_identity_and_reverse_random_graphs(c, stride, pool, slope, cat, k, hw, seed):
+    """Random architectures with residuals, concatenations and max pooling: the identity for
+    all units, and the forward (compressed) rows equal the reverse-mode (VJP) rows."""
+    net = _net(RandomGraph(c, stride, pool, slope, cat, k), (2,) + hw, seed)
+    x = _x(net, seed)
+    _check_identity_all_units(net, x)
+    lin = linearise(net, x)
+    for LJ in lin.sweep():
+        units = torch.arange(0, LJ.n_units, max(1, LJ.n_units // 7))
+        HI, Hb = lin.unit_vjp(LJ.name, units)
+        assert_rows_close(LJ.image(units), HI, f"{LJ.name} forward vs reverse, image")
+        assert_rows_close(LJ.bias(units), Hb, f"{LJ.name} forward vs reverse, bias")
+
+
+def test_compressed_windows_are_exact_and_small(vgg):
+    """The window representation reproduces the dense row outside the window as exact
+    zeros, and the windows grow with the receptive field (3x3 at Conv0, 5x5 at Conv1)."""
+    x = _x(vgg)
+    lin = linearise(vgg, x)
+    geo = {LJ.name: (LJ.ry, LJ.rx, LJ.P) for LJ in lin.sweep(["Conv0", "Conv1", "Conv2"])}
+    assert geo["Conv0"][:2] == (3, 3) and geo["Conv1"][:2] == (5, 5)
+    assert geo["Conv2"][:2] == (11, 11)  # avg pool (3, s2) then a 3x3 conv at jump 2 (< 12)
+    LJ = lin.layer("Conv1")
+    u = torch.arange(0, LJ.n_units, 97)
+    dense = LJ.image(u)
+    patches, oy, ox = LJ.windows(u)
+    rebuilt = torch.zeros_like(dense)
+    for i in range(u.numel()):  # test-only loop over a few units
+        rebuilt[i, :, oy[i]:oy[i] + LJ.ry, ox[i]:ox[i] + LJ.rx] = patches[i]
+    assert torch.equal(rebuilt, dense)
+
+
+def test_channel_groups_add_up(vgg):
+    """Column groups (one image channel at a time, bias apart) sum to the full Jacobian."""
+    x = _x(vgg)
+    lin = linearise(vgg, x)
+    full = lin.layer("Conv3")
+    u = torch.arange(0, full.n_units, 53)
+    parts = [lin.layer("Conv3", channels=[c], bias=False).image(u) for c in range(3)]
+    assert torch.equal(sum(parts), full.image(u))  # disjoint supports: exact
+    assert lin.layer("Conv3", channels=[0], bias=False).cols.numel() == 0
+
+
+def test_scale_invariance_exact_for_power_of_two(vgg):
+    """k = 1/8 scales every value exactly in binary floating point, so the activation pattern
+    and therefore J are bitwise identical (positive homogeneity, seed 000 appendix C)."""
+    x = _x(vgg)
+    a = linearise(vgg, x).layer("Conv4")
+    b = linearise(vgg, x, scale=0.125).layer("Conv4")
+    assert torch.equal(a.Ti, b.Ti) and torch.equal(a.Tb, b.Tb)
+
+
+def test_tanh_is_refused():
+    net = from_torch(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(8, 2)).eval(), (1, 4, 4), torch.float64)
+    with pytest.raises(ValueError, match="piecewise-linear.*tanh"):
+        linearise(net, torch.zeros(1, 4, 4, dtype=torch.float64))
+
+
+def test_bad_arguments(vgg):
+    x = _x(vgg)
+    with pytest.raises(ValueError, match="scale"):
+        linearise(vgg, x, scale=-1.0)
+    with pytest.raises(ValueError, match="shape"):
+        linearise(vgg, torch.zeros(3, 5, 5, dtype=torch.float64))
+    with pytest.raises(ValueError, match="memory_budget"):
+        parse_memory("lots")
+    assert parse_memory("2GiB") == 2 * 2**30 and parse_memory("500MB") == 500 * 10**6
+    lin = linearise(vgg, x, memory_budget="1MB")
+    with pytest.raises(ValueError, match=r"GiB.*memory_budget"):
+        next(iter(lin.sweep()))
