@@ -6,15 +6,19 @@ float64 samples.  For each method: wall time, constraint residual ``||W a + b �
 and distance to the exact solution ``||a − a*||/||a* − â||``; ratios against the FFT time.
 
 * ``fft``      the paper's approximation (per-layer factorisation timed separately);
-* ``fft-pcg``  exact, Fourier-domain CG preconditioned by the FFT solve (beyond the paper);
-* ``cg``       exact, batched Craig / CGLS with the direct torch conv;
+* ``fft-exact`` exact, direct: FFT + boundary capacitance matrix (Schur complement / Woodbury),
+               its once-per-layer factorisation (gather + Cholesky) timed separately;
+* ``fft-pcg``  exact, Fourier-domain CG preconditioned by the FFT solve (beyond the paper) —
+               on ``--iter-samples`` samples, time extrapolated linearly to the batch;
+* ``cg``       exact, batched Craig / CGLS with the direct torch conv (same subset);
 * ``lsmr``     exact, scipy per sample — run on ``--lsmr-samples`` samples and extrapolated
                linearly to the batch (marked "extrapolated");
 * ``dense``    exact KKT via :class:`~linop.solve.DenseSolver` — only if it fits ``--max-gib``;
                otherwise reported as skipped with its size, and run at ``--dense-size`` instead.
 
-The exact reference for the distances is ``fft-pcg`` at ``--ref-tol`` (cross-checked against
-``cg``: their mutual distance is printed).  Writes JSON incrementally to ``--out``.
+The exact reference for the distances is ``fft-exact`` (cross-checked: fft-pcg / cg / lsmr
+distances to it, and fft-exact vs dense KKT at ``--dense-size``).  The load average is printed
+(shared machine).  Writes JSON incrementally to ``--out``.
 
     python -m bench.reconstruct --batch 256 --out bench_reconstruct.json
 """
@@ -29,7 +33,7 @@ import numpy as np
 import torch
 
 from linop.operators.conv import Conv2d
-from linop.solve import FFTConvSolver, solve
+from linop.solve import CapacitanceSolver, FFTConvSolver, solve
 from linop.solve.dense import dense_bytes
 
 
@@ -57,11 +61,15 @@ def run_case(cin, cout, args, rows, out):
     fs = FFTConvSolver(w, op.in_shape)
     fs._precond("mdp" if op.shape[0] <= op.shape[1] else "ccp")
     t_factor = time.perf_counter() - t
+    t = time.perf_counter()
+    cs = CapacitanceSolver(w, op.in_shape, fft_solver=fs)
+    t_cap = time.perf_counter() - t
 
-    def record(method, res, seconds, ref, note=""):
+    def record(method, res, seconds, ref, note="", a0=None):
+        a0 = a_hat if a0 is None else a0
         row = {"layer": tag, "method": method, "case": res.case if res is not None else "-", "seconds": seconds,
                "residual_max": float(np.max(res.residual)) if res is not None else None,
-               "dist_to_exact": dist(torch.as_tensor(res.a), ref, a_hat) if (res is not None and ref is not None) else None,
+               "dist_to_exact": dist(torch.as_tensor(res.a), ref, a0) if (res is not None and ref is not None) else None,
                "iterations": int(np.max(res.info["iterations"])) if res is not None and "iterations" in res.info else None,
                "note": note}
         rows.append(row)
@@ -70,32 +78,40 @@ def run_case(cin, cout, args, rows, out):
               flush=True)
         return row
 
-    print(f"layer {tag}: W is {op.shape[0]}x{op.shape[1]}, batch {args.batch}", flush=True)
-    rows.append({"layer": tag, "method": "fft factor (once per layer)", "case": "-", "seconds": t_factor,
-                 "residual_max": None, "dist_to_exact": None, "iterations": None, "note": "SVD per frequency"})
-    t = time.perf_counter()
-    ref_res = solve(op, z_star, a_hat, b=b, method="fft-pcg", fft_solver=fs, tol=args.ref_tol)
-    t_ref = time.perf_counter() - t
-    ref = ref_res.a
+    def factor_row(method, seconds, note):
+        rows.append({"layer": tag, "method": method, "case": "-", "seconds": seconds, "residual_max": None,
+                     "dist_to_exact": None, "iterations": None, "note": note})
+        print(f"  {tag:8s} {method:10s} {seconds:9.2f} s  {note}", flush=True)
+
+    print(f"layer {tag}: W is {op.shape[0]}x{op.shape[1]}, batch {args.batch}, load average {os.getloadavg()}", flush=True)
+    factor_row("fft factor (once per layer)", t_factor, "SVD per frequency")
+    factor_row("fft-exact factor (once per layer)", t_cap,
+               f"capacitance {cs.m}x{cs.m} gathered + Cholesky, cond est {cs.cond_est:.1e}, λ={cs.lam:g}")
     t = time.perf_counter()
     fft = solve(op, z_star, a_hat, b=b, method="fft", fft_solver=fs)
     t_fft = time.perf_counter() - t
-    record("fft", fft, t_fft, ref, "approximate (paper §3.2)")
     t = time.perf_counter()
-    pcg = solve(op, z_star, a_hat, b=b, method="fft-pcg", fft_solver=fs, tol=args.tol)
-    record("fft-pcg", pcg, time.perf_counter() - t, ref, f"tol {args.tol}")
-    rows[-1]["ratio_note"] = f"reference: fft-pcg tol {args.ref_tol} took {t_ref:.1f} s"
+    ex = solve(op, z_star, a_hat, b=b, method="fft-exact", capacitance_solver=cs)
+    t_ex = time.perf_counter() - t
+    ref = torch.as_tensor(ex.a)  # the exact reference (cross-checked against dense / fft-pcg / lsmr below)
+    record("fft", fft, t_fft, ref, "approximate (paper §3.2)")
+    record("fft-exact", ex, t_ex, None, "exact, direct (capacitance); the reference for 'dist'")
+    k = max(1, min(args.iter_samples, args.batch))
+    x = args.batch / k
+    ext = f"{k} samples, time extrapolated x{x:g} (linear)" if k < args.batch else ""
+    t = time.perf_counter()
+    pcg = solve(op, z_star[:k], a_hat[:k], b=b, method="fft-pcg", fft_solver=fs, tol=args.tol)
+    record("fft-pcg", pcg, (time.perf_counter() - t) * x, ref[:k], f"tol {args.tol}; {ext}", a0=a_hat[:k])
     if not args.skip_cg:
         t = time.perf_counter()
-        cg = solve(op, z_star, a_hat, b=b, method="cg", tol=args.tol)
-        record("cg", cg, time.perf_counter() - t, ref, f"tol {args.tol}")
+        cg = solve(op, z_star[:k], a_hat[:k], b=b, method="cg", tol=args.tol)
+        record("cg", cg, (time.perf_counter() - t) * x, ref[:k], f"tol {args.tol}; {ext}", a0=a_hat[:k])
     k = min(args.lsmr_samples, args.batch)
     if k > 0:
         t = time.perf_counter()
         ls = solve(op, z_star[:k], a_hat[:k], b=b, method="lsmr")
         sec = (time.perf_counter() - t) * args.batch / k
-        row = record("lsmr", ls, sec, ref[:k], f"{k} samples, time extrapolated x{args.batch / k:.0f}")
-        row["dist_to_exact"] = dist(torch.as_tensor(ls.a), ref[:k], a_hat[:k])
+        record("lsmr", ls, sec, ref[:k], f"{k} samples, time extrapolated x{args.batch / k:.0f}", a0=a_hat[:k])
     need = dense_bytes(op.shape)
     if need <= args.max_gib * 2**30:
         t = time.perf_counter()
@@ -104,8 +120,8 @@ def run_case(cin, cout, args, rows, out):
     else:
         rows.append({"layer": tag, "method": "dense KKT", "case": "-", "seconds": None, "residual_max": None,
                      "dist_to_exact": None, "iterations": None,
-                     "note": f"skipped: needs ~{need / 2**30:.0f} GiB > {args.max_gib} GiB"})
-        print(f"  {tag:8s} dense      skipped: needs ~{need / 2**30:.0f} GiB", flush=True)
+                     "note": f"skipped: W is {op.shape[0]}x{op.shape[1]}, needs ~{need / 2**30:.0f} GiB > {args.max_gib} GiB"})
+        print(f"  {tag:8s} dense      skipped: W is {op.shape[0]}x{op.shape[1]}, needs ~{need / 2**30:.0f} GiB", flush=True)
         if args.dense_size:
             s = args.dense_size
             w2, op2, a2, b2, z2 = make_layer(cin, cout, s, args.batch, args.seed)
@@ -114,13 +130,23 @@ def run_case(cin, cout, args, rows, out):
             f2 = solve(op2, z2, a2, b=b2, method="fft", fft_solver=fs2)
             t_f2 = time.perf_counter() - t
             t = time.perf_counter()
+            e2 = solve(op2, z2, a2, b=b2, method="fft-exact", fft_solver=fs2)
+            t_e2 = time.perf_counter() - t
+            t = time.perf_counter()
             de = solve(op2, z2, a2, b=b2, method="dense")
             t_de = time.perf_counter() - t
-            r = record(f"dense@{s}", de, t_de, None, f"{s}x{s} input; fft at that size {t_f2:.2f} s (incl. factor)")
+            r = record(f"dense@{s}", de, t_de, torch.as_tensor(e2.a),
+                       f"{s}x{s} input; there fft {t_f2:.2f} s, fft-exact {t_e2:.2f} s (incl. factors); "
+                       "dist = fft-exact vs dense", a0=a2)
             r["dist_fft_to_dense"] = dist(torch.as_tensor(f2.a), torch.as_tensor(de.a), a2)
     for r in rows:
         if r["layer"] == tag and r["seconds"] is not None and not r["method"].startswith("dense@"):
             r["ratio_to_fft"] = r["seconds"] / t_fft
+    print(f"  {tag:8s} exact/FFT: fft-exact per batch {t_ex / t_fft:.2f}x; with its once-per-layer factor "
+          f"{(t_ex + t_cap) / (t_fft + t_factor):.2f}x (fft incl. its factor)", flush=True)
+    rows.append({"layer": tag, "method": "fft-exact incl. factor", "case": "-", "seconds": t_ex + t_cap,
+                 "residual_max": None, "dist_to_exact": None, "iterations": None,
+                 "ratio_to_fft": (t_ex + t_cap) / (t_fft + t_factor), "note": "ratio vs fft incl. its factor"})
     out_json(out, rows, args)
 
 
@@ -128,7 +154,8 @@ def out_json(path, rows, args):
     if path:
         tmp = path + ".tmp"
         with open(tmp, "w") as f:
-            json.dump({"args": vars(args), "rows": rows, "threads": torch.get_num_threads()}, f, indent=1, default=float)
+            json.dump({"args": vars(args), "rows": rows, "threads": torch.get_num_threads(),
+                       "loadavg": os.getloadavg()}, f, indent=1, default=float)
         os.replace(tmp, path)
 
 
@@ -149,8 +176,9 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--cases", default="64:32,32:64", help="comma-separated C_in:C_out pairs")
     p.add_argument("--tol", type=float, default=1e-10)
-    p.add_argument("--ref-tol", type=float, default=1e-13)
     p.add_argument("--lsmr-samples", type=int, default=2)
+    p.add_argument("--iter-samples", type=int, default=32,
+                   help="samples for fft-pcg and cg (time extrapolated linearly to --batch)")
     p.add_argument("--max-gib", type=float, default=4.0)
     p.add_argument("--dense-size", type=int, default=10, help="input size for the dense run when full size does not fit (0: none)")
     p.add_argument("--skip-cg", action="store_true")
@@ -166,6 +194,7 @@ def main(argv=None) -> int:
         cin, cout = (int(x) for x in pair.split(":"))
         run_case(cin, cout, args, rows, args.out)
     print()
+    print(f"load average at the end: {os.getloadavg()}")
     print(table(rows))
     return 0
 

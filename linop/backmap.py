@@ -131,7 +131,7 @@ def backmap(
     mode : "RM0" … "RM4" (see the module docstring for the layouts)
     units : selection (flat unit indices for RM2/RM4/RM0, out-channels for RM3/RM1; None = all)
     scale : k > 0 of z = k·[x; x_b] (Eq. 3; changes nothing)
-    dtype : compute dtype (float32 / float64; default the input's / network's)
+    dtype : compute dtype (float32 / float64; default the network's)
     memory_budget : bytes or "2GiB"-style string, bounds the output (and the linearisation)
     stream : return an iterator of BackMap chunks (of units) each within the budget
     method : "auto" | "forward" | "reverse" — forward compressed-window sweep (many units)
@@ -208,7 +208,7 @@ def _compute(lin: Linearisation, layer: str, mode: str, sel: torch.Tensor, metho
     if mode in ("RM0", "RM2"):
         if _use_forward(method, k):
             LJ = LJ if LJ is not None else lin.layer(layer)
-            HI, Hb = LJ.image(sel), LJ.bias(sel)
+            HI, Hb = LJ.image(sel).reshape((k,) + tuple(lin.net.input_shape)), LJ.bias(sel)
         else:
             HI, Hb = lin.unit_vjp(layer, sel)
         layout = ("unit",) + ("C", "H", "W")

@@ -339,11 +339,13 @@ class LayerJacobian:
             out.scatter_(2, pos.reshape(k, 1, -1).expand(k, nc, -1), patches.reshape(k, nc, -1))
             out = out.reshape(k, nc, H, W)
         else:
-            T = self.Ti.index_select(3, u).permute(3, 0, 1, 2)  # (k, nc, Py, Px)
+            T = self._take(u)  # (k, nc, Py, Px)
             if (Py, Px) != (H, W):
                 # H^I[u, c, y, x] = T[u, c, y mod Py, x mod Px] inside u's window, 0 outside
                 T = T.repeat(1, 1, -(-H // Py), -(-W // Px))[:, :, :H, :W]
-            out = T.contiguous()  # a fresh tensor (index_select copied): safe to mask in place
+            out = T.contiguous()
+            if out.data_ptr() == self.Ti.data_ptr():
+                out = out.clone()  # never mask the stored Jacobian in place
             if self.ry < H:
                 y = torch.arange(H, device=u.device)[None, :]
                 oy = self.oy.to(u.device)[u][:, None]
@@ -366,13 +368,19 @@ class LayerJacobian:
             out[:, self.cols.to(u.device)] = self.Tb.index_select(1, u).T
         return out
 
+    def _take(self, u: torch.Tensor) -> torch.Tensor:
+        """``Ti`` restricted to units ``u`` as a (k, nc, Py, Px) view/copy (no copy for all units)."""
+        if u.numel() == self.n_units and bool((u == torch.arange(self.n_units, device=u.device)).all()):
+            return self.Ti.permute(3, 0, 1, 2)
+        return self.Ti.index_select(3, u).permute(3, 0, 1, 2)
+
     def windows(self, units: Any = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-unit windows of the image part: ``(patches (k, C, ry, rx), oy (k,), ox (k,))``."""
         u = self._units(units)
         oy, ox = self.oy.to(u.device)[u], self.ox.to(u.device)[u]
         dy = torch.remainder(oy[:, None] + torch.arange(self.ry, device=u.device)[None], self.P[0])
         dx = torch.remainder(ox[:, None] + torch.arange(self.rx, device=u.device)[None], self.P[1])
-        T = self.Ti.index_select(3, u).permute(3, 0, 1, 2)  # (k, nc, Py, Px)
+        T = self._take(u)  # (k, nc, Py, Px)
         k, nc = T.shape[:2]
         T = T.gather(2, dy[:, None, :, None].expand(k, nc, self.ry, self.P[1]))
         return T.gather(3, dx[:, None, None, :].expand(k, nc, self.ry, self.rx)), oy, ox
@@ -422,7 +430,7 @@ class Linearisation:
         if not (isinstance(scale, (int, float, np.floating, np.integer)) and not isinstance(scale, bool)
                 and math.isfinite(float(scale)) and float(scale) > 0):
             raise ValueError(f"scale must be a finite positive number (k of z = k·[x; x_b], seed 000 Eq. 3), got {scale!r}")
-        dt = torch_dtype(dtype) if dtype is not None else (x.dtype if isinstance(x, torch.Tensor) and x.is_floating_point() else net.dtype)
+        dt = torch_dtype(dtype) if dtype is not None else net.dtype
         self.net = net.to(dt)
         x = torch.as_tensor(x).to(dt)
         if x.dim() == len(net.input_shape) + 1:
@@ -708,7 +716,7 @@ def linearise(net: EquivalentNetwork, x: Any, scale: float = 1.0, dtype: Any = N
         One input.
     scale : float > 0
         ``k``; provably irrelevant (positive homogeneity), accepted for fidelity to the paper.
-    dtype : compute dtype (float32 / float64; default: x's, else the network's).
+    dtype : compute dtype (float32 / float64; default: the network's, ``net.dtype``).
     memory_budget : bytes or a string like ``"2GiB"``; sweeps estimate their peak first.
 
     Returns

@@ -547,7 +547,7 @@ def _reverse_linear(node: LinearNode, z_star, z_hat, a_hat, report: StepReport, 
             idx = changed.nonzero().flatten()
             sub_a, sub_z = a_hat[idx], z_star[idx]
             method, fallback = solver, None
-            if solver in ("fft", "fft-pcg"):
+            if solver in ("fft", "fft-pcg", "fft-exact"):
                 from .solve.fft import conv_spec
 
                 try:  # the FFT path covers stride-1 unpadded convs only (seed 001 §3.2)
@@ -638,7 +638,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--n", type=int, default=16, help="number of test samples to reconstruct")
     parser.add_argument("--to-layer", default="input", help="'input', a node name, or U / U:in / U:out for a unit layer U")
     parser.add_argument("--embedding", default="ne", choices=EMBEDDINGS)
-    parser.add_argument("--solver", default="auto", help="linop.solve method (auto, dense, lsmr, cg, fft, fft-pcg)")
+    parser.add_argument("--solver", default="auto", help="linop.solve method (auto, dense, lsmr, cg, fft, fft-pcg, fft-exact)")
     parser.add_argument("--tol", type=float, default=1e-10)
     parser.add_argument("--maxiter", type=int, default=None)
     parser.add_argument("--maxpool", default="copy", choices=inverse.MAXPOOL_MODES)

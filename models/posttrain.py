@@ -42,6 +42,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -625,7 +626,11 @@ def compare_methods(records: Iterable[dict], epoch: int, embedding: str) -> list
             continue
         p = float("nan")
         if len(bp) > 1 and len(fr) > 1 and (np.ptp(bp) > 0 or np.ptp(fr) > 0):
-            p = float(stats.ttest_ind(fr, bp, equal_var=False).pvalue)
+            # One constant sample (e.g. FR pinned at the baseline) is legitimate input: Welch's
+            # test stays defined; silence scipy's moment-precision warning about it.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                p = float(stats.ttest_ind(fr, bp, equal_var=False).pvalue)
         out.append({"l_S": s, "l_R": r, "epoch": epoch, "fr_minus_bp": float(np.mean(fr) - np.mean(bp)), "welch_p": p})
     return out
 

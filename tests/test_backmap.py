@@ -162,3 +162,16 @@ def test_tanh_network_refused():
     tnet = from_torch(m, (1, 4, 4), torch.float64)
     with pytest.raises(ValueError, match="sigmoid"):
         backmap(tnet, torch.zeros(1, 4, 4, dtype=torch.float64), "FC")
+
+
+def test_fc_only_network_flat_input():
+    """A flat-input MLP (no image geometry): RM0 keeps the input's shape and the identity holds."""
+    torch.manual_seed(4)
+    m = nn.Sequential(nn.Linear(6, 5), nn.LeakyReLU(0.1), nn.Linear(5, 3)).eval()
+    mnet = from_torch(m, (6,), torch.float64)
+    xx = torch.randn(6, dtype=torch.float64)
+    last = mnet.unit_layers[-1]
+    bm = backmap(mnet, xx, last, "RM0", method="forward")
+    assert bm.image.shape == (3, 6)
+    close(bm.reconstruct(xx, mnet.x_b), mnet.preactivations(xx.unsqueeze(0))[last][0])
+    close(bm.image, backmap(mnet, xx, last, "RM0", method="reverse").image)

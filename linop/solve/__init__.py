@@ -15,7 +15,10 @@ Methods
 ``"cg"``       batched Craig (CG on W Wᵀ, MDP) / CGLS (CCP); torch, so CPU, CUDA and cupy.
 ``"fft"``      seed 001 §3.2 (stride 1, no padding): approximate by construction.
 ``"fft-pcg"``  exact: Fourier-domain CG preconditioned by the FFT solve (beyond the paper).
-``"auto"``     dense when it is small, fft-pcg for eligible convs, cg otherwise.
+``"fft-exact"`` exact, direct: FFT + boundary capacitance matrix factored once per layer
+               (Schur complement / Woodbury, :class:`~linop.solve.capacitance.CapacitanceSolver`).
+``"auto"``     dense when it is small; for stride-1 unpadded convs fft-exact when its capacitance
+               matrix fits the budget, else fft-pcg; other layers dense up to 1 GiB, else cg.
 """
 from __future__ import annotations
 
@@ -27,19 +30,26 @@ import torch
 
 from .. import backend
 from .dense import DenseSolver, dense_bytes
+from .capacitance import CapacitanceSolver, capacitance_bytes
 from .fft import FFTConvSolver, conv_spec
 from .iterative import cgls, craig
 from .result import DEFAULT_MAX_BYTES, Problem, SolveResult, prepare
 from .sparse import lsmr_correction
 
-__all__ = ["solve", "SolveResult", "DenseSolver", "FFTConvSolver", "craig", "cgls", "lsmr_correction",
+__all__ = ["solve", "SolveResult", "DenseSolver", "FFTConvSolver", "CapacitanceSolver", "craig", "cgls", "lsmr_correction",
            "METHODS", "DEFAULT_TOL"]
 
-METHODS = ("auto", "dense", "lsmr", "lsqr", "cg", "fft", "fft-pcg")
+METHODS = ("auto", "dense", "lsmr", "lsqr", "cg", "fft", "fft-pcg", "fft-exact")
 #: Default relative stopping tolerance of the exact iterative methods.
 DEFAULT_TOL = 1e-10
 #: "auto" uses the dense method below this many bytes of factorisation.
 AUTO_DENSE_BYTES = 256 * 1024**2
+#: ... and up to this many (1.5 GiB) for layers no FFT path covers (padded / strided convs, e.g. ResNet20's
+#: 96→96 'same' convs on 8×8: n = 6144, 1.2 GB by dense_bytes' conservative count, one ~1 s Cholesky),
+#: where CG is slow.
+AUTO_DENSE_BYTES_NO_FFT = 3 * 1024**3 // 2
+#: "auto" uses fft-exact when its capacitance matrix needs at most this many bytes.
+AUTO_CAPACITANCE_BYTES = 1024**3
 
 
 def _shape_case(n_out: int, n_in: int) -> str:
@@ -47,13 +57,17 @@ def _shape_case(n_out: int, n_in: int) -> str:
 
 
 def _auto(W: Any, shape: tuple[int, int], max_bytes: int) -> str:
-    if dense_bytes(shape) <= min(AUTO_DENSE_BYTES, max_bytes):
+    need = dense_bytes(shape)
+    if need <= min(AUTO_DENSE_BYTES, max_bytes):
         return "dense"
     try:
-        conv_spec(W)
-        return "fft-pcg"
+        w, (_, H, Wd) = conv_spec(W)
     except (ValueError, NotImplementedError):
-        return "cg"
+        return "dense" if need <= min(AUTO_DENSE_BYTES_NO_FFT, max_bytes) else "cg"
+    if capacitance_bytes(int(w.shape[0]), H, Wd, int(w.shape[2]), int(w.shape[3])) <= min(AUTO_CAPACITANCE_BYTES,
+                                                                                          max_bytes):
+        return "fft-exact"
+    return "fft-pcg"
 
 
 def _fft_solver(W: Any, prob: Problem, kw: dict) -> FFTConvSolver:
@@ -81,7 +95,7 @@ def solve(W: Any, z_star: Any, a_hat: Any, b: Any = None, method: str = "auto", 
         float64 for exactness).
     b : None, scalar, (n_out,), per-channel (C_out,) or (N, n_out)
         The layer's bias.
-    method : {"auto", "dense", "lsmr", "lsqr", "cg", "fft", "fft-pcg"}
+    method : {"auto", "dense", "lsmr", "lsqr", "cg", "fft", "fft-pcg", "fft-exact"}
     tol : float
         Stopping tolerance of the iterative methods (default 1e-10; lsmr/lsqr: atol = btol).
     maxiter : int
@@ -89,8 +103,9 @@ def solve(W: Any, z_star: Any, a_hat: Any, b: Any = None, method: str = "auto", 
         cg / fft-pcg; scipy's default for lsmr/lsqr).
     **kw
         ``solver=`` a prebuilt :class:`DenseSolver` (dense) or ``fft_solver=`` a prebuilt
-        :class:`FFTConvSolver` (fft, fft-pcg), to factor once per layer across batches;
-        ``max_bytes=`` memory budget of the dense method; ``cond_limit=``, ``rtol=``
+        :class:`FFTConvSolver` (fft, fft-pcg, fft-exact) or ``capacitance_solver=`` a prebuilt
+        :class:`CapacitanceSolver` (fft-exact), to factor once per layer across batches;
+        ``max_bytes=`` memory budget of the dense / fft-exact factorisations; ``cond_limit=``, ``rtol=``
         (dense); ``conlim=`` (lsmr/lsqr); ``rcond=``, ``reg=`` (fft); ``progress=True``;
         ``reference=`` an exact ``a*`` to report ``info["dist_to_exact"]`` against.
 
@@ -119,10 +134,10 @@ def solve(W: Any, z_star: Any, a_hat: Any, b: Any = None, method: str = "auto", 
     n_out, n_in = prob.op.shape
     if method == "auto":
         method = _auto(W, (n_out, n_in), max_bytes)
-    if method in ("fft", "fft-pcg"):
+    if method in ("fft", "fft-pcg", "fft-exact"):
         conv_spec(W)  # refuse strided / padded convs before any work
     tol_used = float(tol) if tol is not None else DEFAULT_TOL
-    info: dict[str, Any] = {"tol": tol_used if method not in ("dense", "fft") else None}
+    info: dict[str, Any] = {"tol": tol_used if method not in ("dense", "fft", "fft-exact") else None}
     case = _shape_case(n_out, n_in)
     info["case_from"] = "shape"
     N = prob.N
@@ -192,6 +207,27 @@ def solve(W: Any, z_star: Any, a_hat: Any, b: Any = None, method: str = "auto", 
                 info["algorithm"] = "PCGLS, circulant preconditioner (CᵀC)⁻¹"
             info.update(it_info)
             a = prob.a_hat + delta.reshape(N, -1)
+    elif method == "fft-exact":
+        cs = kw.pop("capacitance_solver", None)
+        if cs is None:
+            weight, in_shape = conv_spec(W)
+            fs = kw.pop("fft_solver", None)
+            cs = CapacitanceSolver(weight, in_shape, fft_solver=fs, max_bytes=max_bytes, device=prob.a_hat.device,
+                                   dtype=prob.a_hat.dtype, **{k: kw.pop(k) for k in ("rcond", "reg") if k in kw})
+        elif (cs.in_shape, cs.out_shape) != (tuple(prob.op.in_shape), tuple(prob.op.out_shape)):
+            raise ValueError(f"solve: prebuilt CapacitanceSolver maps {cs.in_shape}->{cs.out_shape}, "
+                             f"W maps {prob.op.in_shape}->{prob.op.out_shape}")
+        info.update(cs.fs.info())
+        info.update(cs.info())
+        # a direct solve when λ = 0; the refinement tolerance only matters for the Tikhonov fallback
+        rt = float(tol) if tol is not None else 1e-13
+        mi = int(maxiter) if maxiter is not None else 100
+        delta, it_info = cs.solve(prob.rhs().reshape((N,) + cs.out_shape), tol=rt, maxiter=mi)
+        info.update(it_info)
+        info["tol"] = rt if cs.lam > 0 else None
+        a = prob.a_hat + delta.reshape(N, -1).to(prob.a_hat)
+        if cs.lam == 0.0:  # the capacitance factorisation certifies the rank (see CapacitanceSolver)
+            case, info["case_from"] = cs.case, "capacitance"
     else:  # pragma: no cover - guarded above
         raise ValueError(method)
 
