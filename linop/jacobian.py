@@ -150,6 +150,8 @@ class _Geom:
     rx: int
     oy: torch.Tensor  # (U,) int64
     ox: torch.Tensor
+    #: x-independent index tensors (recolour gathers, densify masks), keyed by periods/device
+    cache: dict = field(default_factory=dict, repr=False)
 
 
 def _finish_geom(box: np.ndarray, H: int, W: int) -> _Geom:
@@ -235,30 +237,63 @@ class _State:
     cols: torch.Tensor  # (nb,) int64, sorted indices into x_b
 
 
-def _recolour(Ti: torch.Tensor, nc: int, P: tuple[int, int], Pn: tuple[int, int], g: _Geom) -> torch.Tensor:
-    """Re-compress tangents from period ``P`` to ``Pn >= P`` (exact; needs ``g.r <= P``)."""
-    if P == Pn:
-        return Ti
-    shape = Ti.shape[1:]
+def _spatial_groups(g: _Geom, shape: tuple[int, ...]) -> tuple[int, int]:
+    """``(G, S)`` with ``U = G·S`` such that the window origins depend on the last ``S`` (spatial)
+    positions only — true for every conv/pool/activation output (all channels of a position
+    share the receptive field), which shrinks every x-independent index by the channel count."""
     U = int(np.prod(shape))
-    T = Ti.reshape(nc, P[0], P[1], U)
-    Tp = T.new_zeros(nc, P[0] + 1, P[1] + 1, U)
-    Tp[:, : P[0], : P[1]] = T
-    dev = Ti.device
+    key = ("groups", tuple(shape))
+    hit = g.cache.get(key)
+    if hit is None:
+        hit = (1, U)
+        if len(shape) == 3 and shape[0] > 1:
+            G, S = int(shape[0]), int(shape[1] * shape[2])
+            oy, ox = g.oy.reshape(G, S), g.ox.reshape(G, S)
+            if bool((oy == oy[:1]).all()) and bool((ox == ox[:1]).all()):
+                hit = (G, S)
+        g.cache[key] = hit
+    return hit
+
+
+def _recolour_index(g: _Geom, P: tuple[int, int], Pn: tuple[int, int], S: int, dev: torch.device) -> torch.Tensor:
+    """(Pn_y·Pn_x, S) source colour ``a·P_x + b`` of every new colour per spatial unit, or
+    ``P_y·P_x`` (a zero slot) where the new residue falls outside the unit's window.  Cached:
+    the geometry does not depend on x, so a verification study over many images builds it once."""
+    key = ("recolour", P, Pn, S, str(dev))
+    hit = g.cache.get(key)
+    if hit is not None:
+        return hit
 
     def idx(Pold: int, Pnew: int, o: torch.Tensor, r: int) -> torch.Tensor:
-        a = torch.arange(Pnew, device=dev)[:, None]
-        o = o.to(dev)[None, :]
+        a = torch.arange(Pnew)[:, None]
+        o = o[None, :S]
         d = torch.remainder(a - o, Pnew)  # offset in the window of the pixel with residue a
-        return torch.where(d < r, torch.remainder(o + d, Pold), torch.full_like(d, Pold))
+        return torch.where(d < r, torch.remainder(o + d, Pold), torch.full_like(d, -1))
 
     IY = idx(P[0], Pn[0], g.oy, g.ry)
     IX = idx(P[1], Pn[1], g.ox, g.rx)
-    u = torch.arange(U, device=dev)
-    # one flat gather (index_select is much faster than broadcast advanced indexing)
-    flat = ((IY[:, None, :] * (P[1] + 1) + IX[None, :, :]) * U + u[None, None, :]).reshape(-1)
-    out = Tp.reshape(nc, -1).index_select(1, flat)
-    return out.reshape((nc * Pn[0] * Pn[1],) + tuple(shape))
+    flat = IY[:, None, :] * P[1] + IX[None, :, :]
+    zero = P[0] * P[1]
+    flat = torch.where((IY[:, None, :] < 0) | (IX[None, :, :] < 0), torch.full_like(flat, zero), flat)
+    hit = flat.reshape(Pn[0] * Pn[1], S).to(dev)
+    g.cache[key] = hit
+    return hit
+
+
+def _recolour(Ti: torch.Tensor, nc: int, P: tuple[int, int], Pn: tuple[int, int], g: _Geom) -> torch.Tensor:
+    """Re-compress tangents from period ``P`` to ``Pn >= P`` (exact; needs ``g.r <= P``).
+
+    One gather along the colour axis with a cached ``(Pn², S)`` index broadcast over image
+    channels and feature channels (no per-call index arithmetic, no ``Pn²·U`` index)."""
+    if P == Pn:
+        return Ti
+    shape = tuple(Ti.shape[1:])
+    G, S = _spatial_groups(g, shape)
+    idx = _recolour_index(g, P, Pn, S, Ti.device)
+    T = Ti.reshape(nc, P[0] * P[1], G, S)
+    Tp = torch.cat([T, T.new_zeros(nc, 1, G, S)], 1)  # colour P_y·P_x is the zero slot
+    out = torch.gather(Tp, 1, idx.view(1, -1, 1, S).expand(nc, -1, G, S))
+    return out.reshape((nc * Pn[0] * Pn[1],) + shape)
 
 
 def _merge_bias(parts: Sequence[tuple[torch.Tensor, torch.Tensor]], like: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -277,6 +312,20 @@ def _merge_bias(parts: Sequence[tuple[torch.Tensor, torch.Tensor]], like: torch.
 
 
 # ----------------------------------------------------------------------------- layer result
+
+
+def _out_view(out: torch.Tensor | None, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """A contiguous ``shape`` view of the preallocated ``out`` (or a new tensor)."""
+    n = int(np.prod(shape))
+    if out is None:
+        return like.new_empty(shape)
+    if not isinstance(out, torch.Tensor) or out.dtype != like.dtype or out.device != like.device \
+            or not out.is_contiguous() or out.numel() < n:
+        got = (f"{tuple(out.shape)} {out.dtype} on {out.device}, contiguous={out.is_contiguous()}"
+               if isinstance(out, torch.Tensor) else type(out).__name__)
+        raise ValueError(f"out must be a contiguous {like.dtype} tensor on {like.device} with at least "
+                         f"{n:,} elements for shape {shape}; got {got}")
+    return out.reshape(-1)[:n].view(shape)
 
 
 @dataclass
@@ -304,6 +353,8 @@ class LayerJacobian:
     Ti: torch.Tensor  # (nc, Py, Px, U)
     Tb: torch.Tensor  # (nb, U)
     cols: torch.Tensor
+    #: the node's x-independent geometry (index caches); None when built by hand
+    geom: Any = field(default=None, repr=False, compare=False)
 
     @property
     def n_units(self) -> int:
@@ -323,50 +374,119 @@ class LayerJacobian:
         inside = (y >= o[:, None]) & (y < o[:, None] + r)
         return torch.where(inside, torch.remainder(y, P), torch.full_like(y, P))
 
-    def image(self, units: Any = None) -> torch.Tensor:
-        """Dense image parts ``H^I``, shape ``(k, C, H, W)`` for the selected units."""
+    def image(self, units: Any = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Dense image parts ``H^I``, shape ``(k, C, H, W)`` for the selected units (RM2 layout).
+
+        ``out``: optional preallocated contiguous tensor of the Jacobian's dtype/device with at
+        least ``k·C·H·W`` elements (e.g. one buffer reused across layers, which avoids paying
+        the first-touch page faults of a fresh multi-hundred-MB array per layer); the result is
+        a view of its first ``k·C·H·W`` entries.
+
+        One pass over the output: ``H^I[u, c, y, x] = T[c, (y mod P_y, x mod P_x), u]`` inside
+        ``u``'s window and 0 outside is a single gather from the unit-major compressed tangents
+        with an x-independent ``(S, H·W)`` colour index (cached per node), the zero outside the
+        window being an extra zero colour.
+        """
         u = self._units(units)
         C, H, W = self.image_shape
         nc = self.channels.numel()
         k = u.numel()
         Py, Px = self.P
-        if 4 * self.ry * self.rx <= H * W:
-            # small windows: zeros + scatter of each unit's window (reads only k·C·r² values)
-            patches, oy, ox = self.windows(u)
-            out = patches.new_zeros(k, nc, H * W)
-            pos = ((oy[:, None, None] + torch.arange(self.ry, device=u.device)[None, :, None]) * W
-                   + ox[:, None, None] + torch.arange(self.rx, device=u.device)[None, None, :])
-            out.scatter_(2, pos.reshape(k, 1, -1).expand(k, nc, -1), patches.reshape(k, nc, -1))
-            out = out.reshape(k, nc, H, W)
+        full_chans = nc == C and torch.equal(self.channels.cpu(), torch.arange(C))
+        dst = _out_view(out, (k, C, H, W), self.Ti) if full_chans else self.Ti.new_empty((k, nc, H, W))
+        all_units = k == self.n_units and bool((u == torch.arange(self.n_units, device=u.device)).all())
+        L = Py * Px
+        T2 = self.Ti.reshape(nc * L, self.n_units)  # tangent-major; its 2-D transpose is a fast copy
+        if (Py, Px) == (H, W):
+            # dense regime: colour (c, a, b) is pixel (c, a, b); outside a unit's window the
+            # tangents are exact zeros already (structurally zero Jacobian entries), so H^I is
+            # the transposed tangent batch — one 2-D transposed copy
+            dst.view(k, nc * L).copy_(T2.t() if all_units else T2.index_select(1, u).t())
         else:
-            T = self._take(u)  # (k, nc, Py, Px)
-            if (Py, Px) != (H, W):
-                # H^I[u, c, y, x] = T[u, c, y mod Py, x mod Px] inside u's window, 0 outside
-                T = T.repeat(1, 1, -(-H // Py), -(-W // Px))[:, :, :H, :W]
-            out = T.contiguous()
-            if out.data_ptr() == self.Ti.data_ptr():
-                out = out.clone()  # never mask the stored Jacobian in place
-            if self.ry < H:
-                y = torch.arange(H, device=u.device)[None, :]
-                oy = self.oy.to(u.device)[u][:, None]
-                out.mul_(((y >= oy) & (y < oy + self.ry)).to(out.dtype)[:, None, :, None])
-            if self.rx < W:
-                xx = torch.arange(W, device=u.device)[None, :]
-                ox = self.ox.to(u.device)[u][:, None]
-                out.mul_(((xx >= ox) & (xx < ox + self.rx)).to(out.dtype)[:, None, None, :])
-        if nc == C and torch.equal(self.channels.cpu(), torch.arange(C)):
-            return out
-        full = out.new_zeros(k, C, H, W)
-        full[:, self.channels.to(u.device)] = out
-        return full
+            G, S = (_spatial_groups(self.geom, self.out_shape) if self.geom is not None else (1, self.n_units))
+            idx, mask = self._colour_index(S)  # (S, nc·H·W) colours, (S, H·W) window mask or None
+            chunk = k if all_units else max(1, (1 << 22) // max(1, nc * H * W))  # bounds the per-unit index
+            for a0 in range(0, k, chunk):
+                uu = u[a0:a0 + chunk]
+                kk = uu.numel()
+                Tt = T2.new_empty((kk, nc * L))
+                Tt.copy_(T2.t() if all_units else T2.index_select(1, uu).t())  # unit-major, colour last
+                d = dst[a0:a0 + kk]
+                if all_units:
+                    torch.gather(Tt.view(G, S, nc * L), 2, idx.view(1, S, nc * H * W).expand(G, S, nc * H * W),
+                                 out=d.view(G, S, nc * H * W))
+                    if mask is not None:
+                        d.view(G, S, nc, H * W).mul_(mask.view(1, S, 1, H * W))
+                else:
+                    s_u = torch.remainder(uu, S).to(idx.device)
+                    torch.gather(Tt, 1, idx.index_select(0, s_u), out=d.view(kk, nc * H * W))
+                    if mask is not None:
+                        d.view(kk, nc, H * W).mul_(mask.index_select(0, s_u)[:, None, :])
+        if full_chans:
+            return dst
+        fullo = _out_view(out, (k, C, H, W), self.Ti)
+        fullo.zero_()
+        fullo[:, self.channels.to(u.device)] = dst
+        return fullo
 
-    def bias(self, units: Any = None) -> torch.Tensor:
-        """Dense bias parts ``H^b``, shape ``(k, n_b)``."""
+    def _colour_index(self, S: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x-independent gather index of the densification, cached per node: ``(S, nc·H·W)``,
+        the column ``c·P_y·P_x + (y mod P_y)·P_x + x mod P_x`` of the unit-major compressed
+        tangents for pixel (c, y, x) of the unit at spatial position s.  Outside the unit's
+        window the pixel must read 0: where the period exceeds the window (``P_y > r_y`` or
+        ``P_x > r_x``) it reads a residue row/column that holds no window pixel, whose colour is
+        an exact structural zero, and no mask is needed; otherwise a ``(S, H·W)`` 0/1 mask is
+        returned to multiply by."""
+        C, H, W = self.image_shape
+        nc = self.channels.numel()
+        Py, Px = self.P
+        key = ("colour", self.P, (self.ry, self.rx), S, nc, str(self.Ti.device), self.Ti.dtype)
+        cache = self.geom.cache if self.geom is not None else {}
+        hit = cache.get(key)
+        if hit is None:
+            dev = self.Ti.device
+            oy, ox = self.oy[:S].to(dev), self.ox[:S].to(dev)
+            y = torch.arange(H, device=dev)
+            xx = torch.arange(W, device=dev)
+            iny = (y[None] >= oy[:, None]) & (y[None] < oy[:, None] + self.ry)  # (S, H)
+            inx = (xx[None] >= ox[:, None]) & (xx[None] < ox[:, None] + self.rx)  # (S, W)
+            ry = torch.remainder(y, Py)[None].expand(S, H)
+            rx = torch.remainder(xx, Px)[None].expand(S, W)
+            mask = None
+            if Py > self.ry:  # residue (oy + ry) mod Py holds no window row: a zero colour row
+                zy = torch.remainder(oy + self.ry, Py)[:, None]
+                col = torch.where(iny[:, :, None] & inx[:, None, :], ry[:, :, None] * Px + rx[:, None, :],
+                                  (zy * Px)[:, :, None].expand(S, H, W))
+            elif Px > self.rx:
+                zx = torch.remainder(ox + self.rx, Px)[:, None]
+                col = torch.where(iny[:, :, None] & inx[:, None, :], ry[:, :, None] * Px + rx[:, None, :],
+                                  zx[:, :, None].expand(S, H, W))
+            else:
+                col = (ry[:, :, None] * Px + rx[:, None, :])
+                mask = (iny[:, :, None] & inx[:, None, :]).reshape(S, H * W).to(self.Ti.dtype)
+            col = col.reshape(S, 1, H * W) + (torch.arange(nc, device=dev) * (Py * Px))[None, :, None]
+            hit = (col.reshape(S, nc * H * W).contiguous(), mask)
+            cache[key] = hit
+        return hit
+
+    def bias(self, units: Any = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Dense bias parts ``H^b``, shape ``(k, n_b)`` (``out``: optional buffer, as in :meth:`image`)."""
         u = self._units(units)
-        out = self.Tb.new_zeros(u.numel(), self.n_bias)
-        if self.cols.numel():
-            out[:, self.cols.to(u.device)] = self.Tb.index_select(1, u).T
-        return out
+        k = u.numel()
+        dst = _out_view(out, (k, self.n_bias), self.Tb)
+        n = self.cols.numel()
+        Tb = self.Tb if k == self.n_units else self.Tb.index_select(1, u)
+        if n and n == self.n_bias:  # cols is sorted and unique: all of x_b
+            dst.copy_(Tb.T)
+            return dst
+        dst.zero_()
+        if n:
+            c0 = int(self.cols[0])
+            if int(self.cols[-1]) - c0 + 1 == n:  # a contiguous block of x_b (the usual case)
+                dst[:, c0:c0 + n].copy_(Tb.T)
+            else:
+                dst[:, self.cols.to(u.device)] = Tb.T
+        return dst
 
     def _take(self, u: torch.Tensor) -> torch.Tensor:
         """``Ti`` restricted to units ``u`` as a (k, nc, Py, Px) view/copy (no copy for all units)."""
@@ -473,11 +593,18 @@ class Linearisation:
         return need
 
     # ---------------------------------------------------------------- planning / memory
-    def plan(self, targets: Sequence[str] | None = None) -> dict[str, Any]:
-        """Periods and an estimate of the peak memory (bytes) of a forward sweep."""
+    def plan(self, targets: Sequence[str] | None = None, schedule: str = "auto") -> dict[str, Any]:
+        """Periods and an estimate of the peak memory (bytes) of a forward sweep.
+
+        ``schedule``: "auto" (the cost-model period schedule of :meth:`periods`, unless its
+        peak exceeds the memory budget, then "lazy") or "lazy" (every node at the smallest
+        period its windows allow)."""
         geom = self.geometry()
         names = [self._node_of(t).name for t in (targets or self.unit_layers)]
         need = self._ancestors(names)
+        if schedule not in ("auto", "lazy"):
+            raise ValueError(f"schedule must be 'auto' or 'lazy', got {schedule!r}")
+        sched = self.periods(names, lazy=schedule == "lazy")
         C = self.image_shape[0]
         P: dict[str, tuple[int, int]] = {}
         nb: dict[str, int] = {}
@@ -491,9 +618,7 @@ class Linearisation:
                 P[n.name] = (1, 1)
                 nb[n.name] = 0
             else:
-                py = max([P[i][0] for i in n.inputs] + [g.ry])
-                px = max([P[i][1] for i in n.inputs] + [g.rx])
-                P[n.name] = (py, px)
+                P[n.name] = sched[n.name]
                 b = sum(nb[i] for i in n.inputs) if isinstance(n, (AddNode, CatNode)) else nb[n.inputs[0]]
                 if isinstance(n, BiasNode):
                     b += n.bias_slice.stop - n.bias_slice.start
@@ -519,7 +644,128 @@ class Linearisation:
             for j in n.inputs:
                 if last.get(j) == i and j in alive:
                     live -= alive.pop(j)
-        return {"period": P, "n_bias_cols": nb, "state_bytes": size, "peak_bytes": peak}
+        out = {"period": P, "n_bias_cols": nb, "state_bytes": size, "peak_bytes": peak, "schedule": schedule}
+        if schedule == "auto" and peak > self.memory_budget:
+            lazy = self.plan(targets, schedule="lazy")  # jumping ahead costs memory: fall back
+            if lazy["peak_bytes"] < peak:
+                return lazy
+        return out
+
+    # cost model of the period schedule, relative to one multiply-add of a convolution
+    # (measured on a 2-core CPU with the tangent batches of VGG7 / ResNet20, float32 and
+    # float64 alike: gathering one element costs ~150 conv MACs, an elementwise op ~60)
+    _COST_GATHER = 150.0
+    _COST_ELEMENTWISE = 60.0
+
+    def periods(self, targets: Sequence[str] | None = None, lazy: bool = False) -> dict[str, tuple[int, int]]:
+        """Compression period of every needed node (its tangents are ``C·P_y·P_x`` image columns).
+
+        A node's period must cover its windows (``P >= r``, lossless) and its inputs' periods
+        (recolouring only raises it).  ``lazy`` takes the smallest such period everywhere,
+        i.e. raises the period before every node whose windows grow.  Otherwise a dynamic
+        programme over the nodes in topological order (periods non-decreasing along it)
+        chooses, among the window sizes of the nodes and the full image (the paper's identity
+        batch), the schedule of least estimated cost: tangents × structural non-zeros for
+        linear nodes, tangents × units for elementwise nodes and densification, new elements
+        for every recolour (gather) — so it skips intermediate raises, or switches to the
+        dense identity layout, where the gathers would cost more than the extra tangents.
+        Inputs other than the previous node (residual skips) are costed with the previous
+        round's periods; a few rounds, and the lazy schedule, are compared on the full model.
+        """
+        geom = self.geometry()
+        names = [self._node_of(t).name for t in (targets or self.unit_layers)]
+        need = self._ancestors(names)
+        nodes = [n for n in self.net.nodes if n.name in need]
+        key = ("periods", tuple(n.name for n in nodes), tuple(names), bool(lazy))
+        g0 = geom[nodes[0].name]
+        hit = g0.cache.get(key)
+        if hit is not None:
+            return hit
+        C, H, W = self.image_shape
+        lazy_p: dict[str, tuple[int, int]] = {}
+        for n in nodes:
+            g = geom[n.name]
+            lazy_p[n.name] = (1, 1) if isinstance(n, InputNode) else (
+                max([lazy_p[i][0] for i in n.inputs] + [g.ry]), max([lazy_p[i][1] for i in n.inputs] + [g.rx]))
+        if lazy:
+            g0.cache[key] = lazy_p
+            return lazy_p
+        size = {n.name: int(np.prod(n.out_shape)) for n in nodes}
+        tset = set(names)
+        per_t: dict[str, float] = {}
+        for n in nodes:
+            if isinstance(n, InputNode):
+                continue
+            if isinstance(n, LinearNode):
+                per_t[n.name] = float(_structure(n.op)[0][-1])
+            else:
+                per_t[n.name] = self._COST_ELEMENTWISE * size[n.name]
+            if n.name in tset:
+                per_t[n.name] += self._COST_ELEMENTWISE * size[n.name]  # densify: transposed copy
+
+        def cost(assign: dict[str, tuple[int, int]]) -> float:
+            tot = 0.0
+            for n in nodes:
+                if isinstance(n, InputNode):
+                    continue
+                q = assign[n.name]
+                tot += q[0] * q[1] * per_t[n.name]
+                tot += sum(self._COST_GATHER * q[0] * q[1] * size[i] for i in n.inputs if assign[i] != q)
+            return tot
+
+        cand = sorted({(geom[n.name].ry, geom[n.name].rx) for n in nodes if not isinstance(n, InputNode)} | {(H, W)})
+        K = len(cand)
+        INF = float("inf")
+        order = [n for n in nodes if not isinstance(n, InputNode)]
+        best_assign, best_cost = lazy_p, cost(lazy_p)
+        prev_assign = lazy_p
+        for _round in range(3):
+            best = [INF] * K
+            back: list[list[int]] = []
+            prev_name = None
+            for n in order:
+                g = geom[n.name]
+                new = [INF] * K
+                bk = [0] * K
+                for k, q in enumerate(cand):
+                    if q[0] < g.ry or q[1] < g.rx:
+                        continue
+                    nt = q[0] * q[1]
+                    base = nt * per_t[n.name] + sum(self._COST_GATHER * nt * size[i] for i in n.inputs
+                                                    if i != prev_name and prev_assign[i] != q)
+                    if prev_name is None:
+                        new[k] = base
+                        continue
+                    lin_in = prev_name in n.inputs
+                    for j in range(K):
+                        if best[j] == INF or cand[j][0] > q[0] or cand[j][1] > q[1]:
+                            continue
+                        c = best[j] + base + (self._COST_GATHER * nt * size[prev_name] if lin_in and j != k else 0.0)
+                        if c < new[k]:
+                            new[k], bk[k] = c, j
+                best, prev_name = new, n.name
+                back.append(bk)
+            k = int(np.argmin(best))
+            assign: dict[str, tuple[int, int]] = {}
+            for n, bk in zip(reversed(order), reversed(back)):
+                assign[n.name] = cand[k]
+                k = bk[k]
+            for n in nodes:
+                if isinstance(n, InputNode):
+                    assign[n.name] = (1, 1)
+            # repair: a node's period must cover its inputs' (monotone along the order covers it)
+            for n in order:
+                q = assign[n.name]
+                assign[n.name] = (max([q[0]] + [assign[i][0] for i in n.inputs]), max([q[1]] + [assign[i][1] for i in n.inputs]))
+            c = cost(assign)
+            if c < best_cost:
+                best_assign, best_cost = assign, c
+            if assign == prev_assign:
+                break
+            prev_assign = assign
+        out = {n.name: best_assign[n.name] for n in nodes}
+        g0.cache[key] = out
+        return out
 
     # ---------------------------------------------------------------- forward sweep
     def sweep(self, layers: Sequence[str] | None = None, channels: Sequence[int] | None = None,
@@ -540,8 +786,9 @@ class Linearisation:
         C, H, W = self.image_shape
         chans = torch.arange(C) if channels is None else torch.as_tensor(list(channels), dtype=torch.long)
         nc = chans.numel()
+        plan = self.plan(list(tnodes))
+        sched = plan["period"]
         if check_memory:
-            plan = self.plan(list(tnodes))
             est = plan["peak_bytes"] * nc / C
             if est > self.memory_budget:
                 raise ValueError(
@@ -570,7 +817,7 @@ class Linearisation:
                 st = _State(Ti, (1, 1), Ti.new_zeros((0,) + tuple(n.out_shape)), empty_cols)
             else:
                 ins = [states[j] for j in n.inputs]
-                Pn = (max([s.P[0] for s in ins] + [g.ry]), max([s.P[1] for s in ins] + [g.rx]))
+                Pn = sched[n.name]
                 Tis = [_recolour(s.Ti, nc, s.P, Pn, geom[j]) for s, j in zip(ins, n.inputs)]
                 st = self._step(n, Tis, ins, Pn, bias)
             states[n.name] = st
@@ -579,7 +826,7 @@ class Linearisation:
                 yield LayerJacobian(
                     name=tnodes[n.name], out_shape=tuple(n.out_shape), image_shape=(C, H, W),
                     n_bias=self.net.n_bias, channels=chans, P=st.P, ry=g.ry, rx=g.rx, oy=g.oy, ox=g.ox,
-                    Ti=st.Ti.reshape(nc, st.P[0], st.P[1], U), Tb=st.Tb.reshape(-1, U), cols=st.cols,
+                    Ti=st.Ti.reshape(nc, st.P[0], st.P[1], U), Tb=st.Tb.reshape(-1, U), cols=st.cols, geom=g,
                 )
             for j in n.inputs:
                 if last.get(j) == i:

@@ -37,17 +37,17 @@ import hashlib
 import json
 import math
 import os
-import re
 import sys
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from . import report as _report
+from .jacobian import parse_memory
 
 __all__ = [
     "CRITERIA",
@@ -185,23 +185,8 @@ def _dtype_name(d: Any) -> str:
     return name
 
 
-_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
-          "ki": 2**10, "kib": 2**10, "mi": 2**20, "mib": 2**20, "gi": 2**30, "gib": 2**30, "ti": 2**40, "tib": 2**40}
-
-
-def parse_size(size: int | float | str, name: str = "memory_budget") -> int:
-    """Bytes from ``2GiB`` / ``512MB`` / ``1e9`` / an int; ValueError naming ``name`` otherwise."""
-    if isinstance(size, (int, float, np.integer, np.floating)) and not isinstance(size, bool):
-        n = float(size)
-    else:
-        m = _SIZE_RE.match(str(size))
-        if not m:
-            raise ValueError(f"{name}: cannot parse {size!r}; use e.g. '2GiB', '512MiB' or a byte count")
-        n = float(m.group(1)) * _UNITS[(m.group(2) or "").lower()]
-    if not math.isfinite(n) or n <= 0:
-        raise ValueError(f"{name} must be a positive size, got {size!r}")
-    return int(n)
+# one size parser for the whole library ("2GiB", "512MB", a byte count)
+parse_size = parse_memory
 
 
 def _hash_update(h, obj: Any, depth: int = 0, seen: set | None = None) -> None:

@@ -640,7 +640,6 @@ def format_markdown(rows: Sequence[dict], report_epochs: Sequence[int], baseline
     best: dict[tuple, float] = {}
     for r in rows:
         for e in report_epochs:
-            k = (r["l_S"], r["l_R"], r["embedding"] if r["method"] == "FR" else None, e)
             best_k = (r["l_S"], r["l_R"], e)
             best[best_k] = max(best.get(best_k, -1.0), r[f"epoch{e}_mean"])
     head = "| PT (l_S, l_R) | #paras | Mem (MB, est.) | " + " | ".join(f"epoch{e}" for e in report_epochs) + " |"

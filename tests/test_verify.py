@@ -8,7 +8,6 @@ autograd at the scaled point k·[x; x_b].  ``test_end_to_end_real_backmap`` runs
 from __future__ import annotations
 
 import importlib
-import io
 import json
 import math
 from pathlib import Path

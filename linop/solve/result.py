@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from math import prod
 from typing import Any, Callable
 
 import numpy as np
