@@ -146,14 +146,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--all-baselines", action="store_true", help="also run the anchor on the 64->64 32x32 check layer")
     p.add_argument("--models", default="VGG7,ResNet20,check", help="comma-separated subset")
     args = p.parse_args(argv)
-    if args.repeat < 1:
-        raise ValueError(f"--repeat must be >= 1, got {args.repeat}")
+    for opt, val in (("--repeat", args.repeat), ("--threads", args.threads), ("--chunk-mb", args.chunk_mb)):
+        if val < 1:
+            p.error(f"{opt} must be >= 1, got {val}")
     torch.set_num_threads(args.threads)
     dtype = torch.float32 if args.dtype == "float32" else torch.float64
-    wanted = {m.strip() for m in args.models.split(",")}
-    layers = [lay for lay in LAYERS if lay.model in wanted]
-    if not layers:
-        raise ValueError(f"--models={args.models!r} selects no layer; choose from VGG7, ResNet20, check")
+    known = {lay.model.lower(): lay.model for lay in LAYERS}
+    wanted = {m.strip().lower() for m in args.models.split(",") if m.strip()}
+    unknown = sorted(wanted - set(known))
+    if unknown or not wanted:
+        p.error(f"--models={args.models!r}: unknown {unknown}; choose a comma-separated subset of "
+                f"{', '.join(dict.fromkeys(known.values()))} (case-insensitive)")
+    layers = [lay for lay in LAYERS if lay.model.lower() in wanted]
     if args.all_baselines:
         for lay in layers:
             lay.baseline = True

@@ -176,7 +176,7 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--cases", default="64:32,32:64", help="comma-separated C_in:C_out pairs")
     p.add_argument("--tol", type=float, default=1e-10)
-    p.add_argument("--lsmr-samples", type=int, default=2)
+    p.add_argument("--lsmr-samples", type=int, default=2, help="samples for lsmr (0: skip it)")
     p.add_argument("--iter-samples", type=int, default=32,
                    help="samples for fft-pcg and cg (time extrapolated linearly to --batch)")
     p.add_argument("--max-gib", type=float, default=4.0)
@@ -187,11 +187,30 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="bench_reconstruct.json")
     args = p.parse_args(argv)
     if args.batch < 1 or args.size < 3:
-        raise ValueError(f"--batch must be ≥ 1 and --size ≥ 3, got {args.batch}, {args.size}")
+        p.error(f"--batch must be ≥ 1 and --size ≥ 3, got {args.batch}, {args.size}")
+    for opt, val in (("--threads", args.threads), ("--iter-samples", args.iter_samples)):
+        if val < 1:
+            p.error(f"{opt} must be >= 1, got {val}")
+    if args.lsmr_samples < 0:
+        p.error(f"--lsmr-samples must be >= 0 (0: skip lsmr), got {args.lsmr_samples}")
+    if not (args.max_gib > 0):
+        p.error(f"--max-gib must be > 0, got {args.max_gib}")
+    if args.dense_size < 0 or 0 < args.dense_size < 3:
+        p.error(f"--dense-size must be 0 (none) or >= 3, got {args.dense_size}")
+    if not (0 < args.tol < 1):
+        p.error(f"--tol must lie in (0, 1), got {args.tol}")
+    cases = []
+    for pair in args.cases.split(","):
+        try:
+            cin, cout = (int(x) for x in pair.split(":"))
+        except ValueError:
+            p.error(f"--cases={args.cases!r}: {pair!r} is not C_in:C_out (two integers)")
+        if cin < 1 or cout < 1:
+            p.error(f"--cases={args.cases!r}: channel counts must be >= 1, got {pair!r}")
+        cases.append((cin, cout))
     torch.set_num_threads(args.threads)
     rows: list = []
-    for pair in args.cases.split(","):
-        cin, cout = (int(x) for x in pair.split(":"))
+    for cin, cout in cases:
         run_case(cin, cout, args, rows, args.out)
     print()
     print(f"load average at the end: {os.getloadavg()}")

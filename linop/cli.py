@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+from typing import Any, Callable
 
 # name -> (module, one-line help)
 COMMANDS = {
@@ -20,10 +22,32 @@ COMMANDS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+# Errors that mean "bad input" (every option is validated with one of these, naming the option
+# and its value): shown as one line, exit status 2, like argparse's own errors.  Anything else
+# is a bug and keeps its traceback.  LINOP_TRACEBACK=1 shows the traceback of input errors too.
+USER_ERRORS = (ValueError, NotImplementedError, FileNotFoundError, IsADirectoryError,
+               NotADirectoryError, PermissionError)
+
+
+def run_command(prog: str, run: Callable[[Any], Any], args: Any) -> int:
+    """Call a subcommand's ``run(args)``; a bad-input error becomes ``prog: error: ...`` (exit 2)."""
+    if os.environ.get("LINOP_TRACEBACK"):
+        return int(run(args) or 0)
+    try:
+        return int(run(args) or 0)
+    except USER_ERRORS as exc:
+        text = str(exc).strip()
+        if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+            text = f"{exc.filename}: {exc.strerror}"
+        msg = text.splitlines()[0] if text else type(exc).__name__
+        print(f"{prog}: error: {msg}", file=sys.stderr)
+        return 2
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="linop", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    argv = sys.argv[1:]
+    argv = sys.argv[1:] if argv is None else list(argv)
     for name, (module, help_) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)
         # only import the module of the subcommand actually requested
@@ -33,15 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if argv is not None:
-        sys.argv = [sys.argv[0]] + list(argv)
-    parser = build_parser()
+    parser = build_parser(argv)  # argv, not sys.argv, when given: no global side effect
     args = parser.parse_args(argv)
     if not args.command:
         parser.print_help()
         return 2
     module = importlib.import_module(COMMANDS[args.command][0])
-    return int(module.run(args) or 0)
+    return run_command(f"linop {args.command}", module.run, args)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -383,6 +383,8 @@ class _Converter:
                             device=like.device)
         try:
             with torch.no_grad():
+                # a plain call first: ShapeProp prints a traceback to stderr on failure
+                self.gm(dummy)
                 ShapeProp(self.gm).propagate(dummy)
         except Exception as exc:
             root = exc

@@ -50,7 +50,12 @@ def demo_input(kind: str, channels: int, size: int, seed: int, dtype: torch.dtyp
 
 
 def _parse_padding(p: str):
-    return p if p in ("same", "valid") else int(p)
+    if p in ("same", "valid"):
+        return p
+    try:
+        return int(p)
+    except ValueError:
+        raise ValueError(f"--padding must be an int, 'same' or 'valid', got {p!r}") from None
 
 
 def run(args: argparse.Namespace) -> int:

@@ -68,6 +68,7 @@ import numpy as np
 import torch
 
 from . import inverse
+from .solve import METHODS as SOLVE_METHODS
 from .graph import (
     ActivationNode,
     AddNode,
@@ -373,6 +374,12 @@ def reconstruct(
         raise ValueError(f"relu must be one of {inverse.RELU_MODES}, got {relu!r}")
     if not (isinstance(tol, (int, float)) and tol > 0):
         raise ValueError(f"tol must be a positive number, got {tol!r}")
+    # checked here, not at the first linear step: a chain without one would accept anything
+    if solver not in SOLVE_METHODS:
+        raise ValueError(f"solver must be one of {SOLVE_METHODS}, got {solver!r}")
+    if maxiter is not None and (isinstance(maxiter, bool) or not isinstance(maxiter, (int, np.integer))
+                                or maxiter < 1):
+        raise ValueError(f"maxiter must be a positive integer or None, got {maxiter!r}")
     target = resolve_to_layer(net, to_layer)
     out_name = net.output
     out_node = net.node(out_name)
@@ -634,7 +641,9 @@ def plot_discrepancy(rec: Reconstruction, node: str, path: str | Path, sample: i
 def add_arguments(parser) -> None:
     parser.add_argument("--checkpoint", default="models/checkpoints/conv2_fc1_digits.pt",
                         help="trained seed 001 baseline (models.train checkpoint)")
-    parser.add_argument("--data", default="digits", help="data set name for models.data.load_dataset")
+    parser.add_argument("--data", default=None,
+                        help="data set name for models.data.load_dataset (default: the checkpoint's)")
+    parser.add_argument("--root", default=None, help="directory of cifar10 / cifar100 / mnist files")
     parser.add_argument("--n", type=int, default=16, help="number of test samples to reconstruct")
     parser.add_argument("--to-layer", default="input", help="'input', a node name, or U / U:in / U:out for a unit layer U")
     parser.add_argument("--embedding", default="ne", choices=EMBEDDINGS)
@@ -658,15 +667,23 @@ def run(args) -> int:
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     if args.n < 1:
         raise ValueError(f"--n must be >= 1, got {args.n}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if args.solver not in SOLVE_METHODS:  # else only the first linear step would notice
+        raise ValueError(f"--solver must be one of {SOLVE_METHODS}, got {args.solver!r}")
+    if args.sample is not None and not 0 <= args.sample < args.n:
+        raise ValueError(f"--sample must lie in [0, --n={args.n}), got {args.sample}")
     model, meta = load_checkpoint(args.checkpoint)
     model.eval()
+    if args.data is None:
+        args.data = meta.get("data", "digits")
     norm = meta.get("normalize", "none")
     if norm == "custom":  # the checkpoint's own (mean, std)
         norm = (meta["mean"], meta["std"])
-    data = load_dataset(args.data, normalize=norm)
+    data = load_dataset(args.data, root=args.root, normalize=norm)
     x_test, y_test = _test_split(data)
+    if args.n > len(x_test):
+        raise ValueError(f"--n {args.n} is more than the {len(x_test)} test samples of {args.data}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     x = torch.as_tensor(np.asarray(x_test[: args.n]))
     y = torch.as_tensor(np.asarray(y_test[: args.n])).long()
     dtype = getattr(torch, args.dtype)
@@ -700,7 +717,7 @@ def run(args) -> int:
     if args.sample is None:  # draw a sample the label actually moved (else nothing to see)
         sample = int(changed[0]) if changed.size else 0
     else:
-        sample = min(max(args.sample, 0), summ["n"] - 1)
+        sample = args.sample
     figs = []
     for name in _figure_nodes(net, rec):
         figs.append(str(plot_discrepancy(rec, name, out / f"discrepancy_{name}.png", sample=sample)))

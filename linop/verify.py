@@ -651,8 +651,10 @@ def _normalize_arg(meta: Mapping[str, Any]) -> Any:
 
 def _load_source(args) -> tuple[Any, Any, str]:
     """(model or checkpoint path, data set, description) for the CLI."""
-    from models.data import load_dataset
+    from models.data import DATASETS, load_dataset
 
+    if args.data is not None and args.data not in DATASETS:  # before looking for its checkpoint
+        raise ValueError(f"--data {args.data!r} is not a data set; choose one of {list(DATASETS)}")
     meta: dict = {}
     if args.checkpoint is not None or args.model is None:
         if args.checkpoint is not None:

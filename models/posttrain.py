@@ -913,6 +913,10 @@ def posttrain_study(
         raise ValueError(f"optimizer={optimizer!r}: expected one of {OPTIMIZERS}")
     if embedding not in EMBEDDINGS:
         raise ValueError(f"embedding={embedding!r}: expected one of {EMBEDDINGS}")
+    from linop.solve import METHODS as SOLVE_METHODS
+
+    if solver not in SOLVE_METHODS:  # else only noticed at the first reconstruction with a solve
+        raise ValueError(f"solver={solver!r}: expected one of {SOLVE_METHODS}")
     if rec_loss not in ("auto", "mse", "l1"):
         raise ValueError(f"rec_loss={rec_loss!r}: expected 'auto', 'mse' or 'l1'")
     if not 0.0 <= float(alpha) <= 1.0:
@@ -1123,7 +1127,9 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m models.posttrain", description=__doc__.splitlines()[0])
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    from linop.cli import run_command
+
+    return run_command("python -m models.posttrain", run, parser.parse_args(argv))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import sys
 import time
@@ -58,7 +59,11 @@ def build_model(name: str, **kwargs: Any) -> nn.Module:
     if name not in MODELS:
         raise ValueError(f"build_model: model={name!r} not registered; choose one of "
                          f"{sorted(MODELS)}")
-    return MODELS[name](**kwargs)
+    try:
+        return MODELS[name](**kwargs)
+    except TypeError as exc:  # an unknown / missing factory kwarg: name it, not a deep traceback
+        raise ValueError(f"build_model: model={name!r} does not accept kwargs {sorted(kwargs)} "
+                         f"({exc})") from exc
 
 
 def default_model_kwargs(name: str, data: Dataset, activation: str | None = None) -> dict:
@@ -109,8 +114,9 @@ def load_checkpoint(path: str | os.PathLike,
     try:
         ck = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
-        raise ValueError(f"load_checkpoint: {path} is not a readable torch checkpoint "
-                         f"({exc})") from exc
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise ValueError(f"load_checkpoint: {path} is not a readable torch checkpoint written by "
+                         f"models.train (torch.load: {first})") from exc
     if not isinstance(ck, dict) or "state_dict" not in ck or "meta" not in ck:
         raise ValueError(f"load_checkpoint: {path} lacks 'state_dict'/'meta'; expected a file "
                          "written by models.train")
@@ -191,6 +197,15 @@ def train(model_name: str, data_name: str, epochs: int, lr: float, batch_size: i
     if model_name not in MODELS:
         raise ValueError(f"train: model={model_name!r} not registered; choose one of "
                          f"{sorted(MODELS)}")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"train: device={device!r} is not a torch device ({exc})") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"train: device={device!r} but torch reports no CUDA device "
+                         f"(torch {torch.__version__}); use device='cpu'")
+    if num_threads is not None and num_threads < 1:
+        raise ValueError(f"train: num_threads={num_threads} must be >= 1")
     from tqdm.auto import tqdm
 
     with _deterministic(num_threads):
@@ -254,7 +269,9 @@ def train(model_name: str, data_name: str, epochs: int, lr: float, batch_size: i
             meta["history"].append({"epoch": epoch, "train_loss": tot_loss / n,
                                     "val_accuracy": val})
             bar.set_postfix(loss=f"{tot_loss / n:.3f}", val=f"{val:.3f}")
-            if val > best:  # keep the best-validation model; write it at once
+            # keep the best-validation model and write it at once; with no validation split
+            # (NaN accuracy) the latest epoch is kept
+            if val > best or (math.isnan(val) and epoch == epochs) or best_state is None:
                 best, meta["best_epoch"], meta["val_accuracy"] = val, epoch, val
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
                 meta["train_seconds"] = time.perf_counter() - t0
@@ -321,7 +338,9 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m models.train", description=__doc__.split("\n")[0])
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    from linop.cli import run_command
+
+    return run_command("python -m models.train", run, parser.parse_args(argv))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -603,6 +603,22 @@ def test_wrong_runtime_shapes_raise():
         op.matvec(np.zeros(op.shape[1] + 1))
 
 
+def test_integer_inputs_use_the_operator_dtype_and_complex_is_refused():
+    # an integer batch must not cast the weights to integers (that truncates them)
+    w = torch.randn(4, 2, 3, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    op = Conv2d(w, (2, 8, 8))
+    xi = torch.arange(2 * 2 * 8 * 8).reshape(2, 2, 8, 8) % 5 - 2
+    y = op.apply(xi)
+    assert y.dtype == torch.float64 and torch.equal(y, op.apply(xi.double())) and y.abs().max() > 1
+    yi = torch.ones(2, *op.out_shape, dtype=torch.int32)
+    assert torch.equal(op.apply_adjoint(yi), op.apply_adjoint(yi.double()))
+    assert np.array_equal(op.matvec(xi[0].reshape(-1).numpy()), y[0].reshape(-1).numpy())
+    with pytest.raises(ValueError, match="complex"):
+        op.matvec(np.zeros(op.shape[1], dtype=complex))
+    with pytest.raises(ValueError, match="complex"):
+        op.apply(torch.zeros(1, 2, 8, 8, dtype=torch.complex128))
+
+
 # ============================================================================ GPU
 @pytest.mark.gpu
 def test_gpu_inputs_give_gpu_outputs():

@@ -108,14 +108,26 @@ class Operator(spla.LinearOperator):
 
     # ----------------------------------------------------------------- torch path
     def apply(self, x: torch.Tensor) -> torch.Tensor:
-        """Batched forward ``y = A x`` on a tensor of shape ``(N, *in_shape)``."""
+        """Batched forward ``y = A x`` on a tensor of shape ``(N, *in_shape)``.
+
+        Floating inputs are computed in their own dtype; integer / bool inputs are cast to
+        the operator's dtype first (never the parameters to the integer dtype)."""
         self._check_batch(x, self.in_shape, "input")
-        return self._apply(x)
+        return self._apply(self._as_float(x))
 
     def apply_adjoint(self, y: torch.Tensor) -> torch.Tensor:
-        """Batched adjoint ``x = Aᵀ y`` on a tensor of shape ``(N, *out_shape)``."""
+        """Batched adjoint ``x = Aᵀ y`` on a tensor of shape ``(N, *out_shape)`` (dtypes as
+        in :meth:`apply`)."""
         self._check_batch(y, self.out_shape, "output")
-        return self._apply_adjoint(y)
+        return self._apply_adjoint(self._as_float(y))
+
+    def _as_float(self, t: torch.Tensor) -> torch.Tensor:
+        # _param casts the parameters to the data's dtype: an integer tensor would truncate
+        # them (silently wrong numbers), a complex one is not a real operator's domain here
+        if t.is_complex():
+            raise ValueError(f"{type(self).__name__}: complex input (dtype {t.dtype}) is not supported; "
+                             "apply the operator to the real and imaginary parts separately")
+        return t if t.is_floating_point() else t.to(torch_dtype(self.dtype))
 
     def __call__(self, x):  # torch tensors go through the batched path
         if isinstance(x, torch.Tensor):
@@ -133,9 +145,7 @@ class Operator(spla.LinearOperator):
 
     # ----------------------------------------------------------------- scipy path
     def _run(self, a: Any, fn, shape_in: tuple[int, ...], n_out: int, columns: bool) -> Any:
-        t = backend.to_torch(a)
-        if not t.is_floating_point():
-            t = t.to(torch_dtype(self.dtype))
+        t = self._as_float(backend.to_torch(a))
         k = t.shape[1] if columns else 1
         batch = (t.T if columns else t).reshape((k,) + shape_in)
         out = fn(batch).reshape(k, n_out)

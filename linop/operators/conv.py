@@ -245,6 +245,8 @@ class Conv2d(Operator):
         c_out, cig, kh, kw = (int(s) for s in w.shape)
         if min(c_out, cig, kh, kw) < 1:
             raise ValueError(f"Conv2d: weight has an empty dimension, shape {tuple(w.shape)}")
+        if not torch.isfinite(w).all():
+            raise ValueError("Conv2d: weight contains NaN or inf")
         c_in, H, W = in_shape
         if c_out % groups:
             raise ValueError(f"Conv2d: out channels {c_out} not divisible by groups={groups}")

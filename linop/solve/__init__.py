@@ -18,7 +18,8 @@ Methods
 ``"fft-exact"`` exact, direct: FFT + boundary capacitance matrix factored once per layer
                (Schur complement / Woodbury, :class:`~linop.solve.capacitance.CapacitanceSolver`).
 ``"auto"``     dense when it is small; for stride-1 unpadded convs fft-exact when its capacitance
-               matrix fits the budget, else fft-pcg; other layers dense up to 1 GiB, else cg.
+               matrix fits the budget (1 GiB), else fft-pcg; other layers dense up to 1.5 GiB,
+               else cg (every bound also capped by ``max_bytes``).
 """
 from __future__ import annotations
 
@@ -126,12 +127,19 @@ def solve(W: Any, z_star: Any, a_hat: Any, b: Any = None, method: str = "auto", 
         raise ValueError(f"solve: tol must be in (0, 1), got {tol!r}")
     if maxiter is not None and int(maxiter) < 1:
         raise ValueError(f"solve: maxiter must be a positive integer, got {maxiter!r}")
+    wdt = getattr(W, "dtype", None)
+    if wdt is not None and (wdt.is_complex if isinstance(wdt, torch.dtype)
+                            else np.issubdtype(np.dtype(wdt), np.complexfloating)):
+        # every path densifies / casts W to a real dtype, which would drop the imaginary part
+        raise ValueError(f"solve: W must be real, got dtype {wdt}")
     progress = bool(kw.pop("progress", False))
     reference = kw.pop("reference", None)
     max_bytes = int(kw.pop("max_bytes", DEFAULT_MAX_BYTES))
     t0 = time.perf_counter()
     prob = prepare(W, z_star, a_hat, b)
     n_out, n_in = prob.op.shape
+    if n_out == 0 or n_in == 0:
+        raise ValueError(f"solve: W has an empty dimension, shape {(n_out, n_in)}")
     if method == "auto":
         method = _auto(W, (n_out, n_in), max_bytes)
     if method in ("fft", "fft-pcg", "fft-exact"):

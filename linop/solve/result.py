@@ -188,7 +188,9 @@ def _flat_batch(x: Any, n: int, shape: tuple[int, ...], what: str, device, dtype
     elif t.ndim == 2 and t.shape[1] == n:
         pass
     else:
-        raise ValueError(f"solve: {what} must have shape (N, {n}) or (N, {', '.join(map(str, shape))}), got {tuple(t.shape)}")
+        alt = "" if tuple(shape) == (n,) else f" or (N, {', '.join(map(str, shape))})"
+        hint = " (batched: add a leading axis for one sample)" if t.ndim == len(shape) else ""
+        raise ValueError(f"solve: {what} must have shape (N, {n}){alt}, got {tuple(t.shape)}{hint}")
     t = t.reshape(t.shape[0], n).to(device=device, dtype=dtype)
     if not bool(torch.isfinite(t).all()):
         raise ValueError(f"solve: {what} contains NaN or inf")
