@@ -23,10 +23,19 @@ residue class at most once, ``J[u, (c, y, x)] = T[(c, y mod P_y, x mod P_x), u]`
 window and 0 outside: the compression is lossless.  ``T`` propagates *exactly* like any
 batch of forward-mode tangents (every node's own ``apply``), with ``C·P_y·P_x`` tangents
 instead of the ``C·H·W`` of the identity batch (75 instead of 3,072 at VGG7's Conv1).
-Before a node whose windows outgrow the current period, its input is *recoloured* (an
-exact gather) to the larger period.  Once ``r`` covers the image, ``P = (H, W)`` and the
-representation is the dense identity-batch Jacobian.  The bias part (``n_b`` columns) is
-kept dense, as forward-mode tangents that start at the node where each bias enters.
+Before a node whose period exceeds its input's, the input is *recoloured* (one exact gather
+with an x-independent, cached ``(P², S)`` index shared by all feature channels).  Which period
+each node gets is a *schedule* (:meth:`Linearisation.periods`): a cost model (conv MACs vs
+gathered elements) may skip intermediate raises, or jump to ``P = (H, W)`` — the paper's dense
+identity-batch Jacobian — where the gathers would cost more than the extra tangents; a
+recoloured residual input is kept for its later consumers, so no gather is repeated.  The bias
+part (``n_b`` columns) is kept dense, as forward-mode tangents that start at the node where each
+bias enters (the bias part of layer ``l`` involves only biases of layers ``< l``).
+
+Densification (:meth:`LayerJacobian.image`, the RM2 layout ``(U, C, H, W)``) is one 2-D
+transposed copy of the tangents plus, while ``P < (H, W)``, one gather with a cached colour
+index (pixels outside a window read an exact structural zero), optionally into a reused
+preallocated ``out`` buffer.  In the dense regime it is the transposed copy alone.
 
 The reverse mode (vector–Jacobian products through the same linearised graph, adjoints
 ``apply_adjoint``) is provided too: it is what a few units (sampled rows, FC outputs, RM1 /
@@ -475,7 +484,8 @@ class LayerJacobian:
         k = u.numel()
         dst = _out_view(out, (k, self.n_bias), self.Tb)
         n = self.cols.numel()
-        Tb = self.Tb if k == self.n_units else self.Tb.index_select(1, u)
+        all_units = k == self.n_units and bool((u == torch.arange(self.n_units, device=u.device)).all())
+        Tb = self.Tb if all_units else self.Tb.index_select(1, u)
         if n and n == self.n_bias:  # cols is sorted and unique: all of x_b
             dst.copy_(Tb.T)
             return dst
@@ -513,20 +523,30 @@ class LayerJacobian:
         xp = xc.new_zeros(xc.shape[0], H + 1, W + 1)
         xp[:, :H, :W] = xc
 
-        def pix(o: torch.Tensor, P: int, r: int, n: int) -> torch.Tensor:
-            a = torch.arange(P, device=o.device)[:, None]
-            d = torch.remainder(a - o[None, :], P)
-            return torch.where(d < r, o[None, :] + d, torch.full_like(d, n))  # (P, U) pixel or n (zero)
-
         U = self.n_units
-        if self.P == (H, W) and (self.ry, self.rx) == (H, W):
-            xg = xc[:, :, :, None]  # dense regime: colour (c, a, b) is pixel (c, a, b)
+        Py, Px = self.P
+        if (Py, Px) == (H, W):
+            # dense regime: colour (c, a, b) is pixel (c, a, b), and outside a unit's window the
+            # tangents are exact structural zeros: a matrix-vector product
+            out = self.Ti.reshape(-1, U).T @ xc.reshape(-1)
         else:
-            Y = pix(self.oy.to(x.device), self.P[0], self.ry, H)
-            X = pix(self.ox.to(x.device), self.P[1], self.rx, W)
-            flat = (Y[:, None, :] * (W + 1) + X[None, :, :]).reshape(-1)
-            xg = xp.reshape(xp.shape[0], -1).index_select(1, flat).reshape(xp.shape[0], self.P[0], self.P[1], U)
-        out = (self.Ti * xg).sum(dim=(0, 1, 2))
+            G, S = (_spatial_groups(self.geom, self.out_shape) if self.geom is not None else (1, U))
+            key = ("dot", self.P, (self.ry, self.rx), S, str(x.device))
+            cache = self.geom.cache if self.geom is not None else {}
+            flat = cache.get(key)
+            if flat is None:
+                def pix(o: torch.Tensor, P: int, r: int, n: int) -> torch.Tensor:
+                    a = torch.arange(P, device=o.device)[:, None]
+                    d = torch.remainder(a - o[None, :], P)
+                    return torch.where(d < r, o[None, :] + d, torch.full_like(d, n))  # (P, S) pixel or n (zero)
+
+                Y = pix(self.oy[:S].to(x.device), Py, self.ry, H)
+                X = pix(self.ox[:S].to(x.device), Px, self.rx, W)
+                flat = (Y[:, None, :] * (W + 1) + X[None, :, :]).reshape(-1)  # (Py·Px·S,), x-independent
+                cache[key] = flat
+            nc = xp.shape[0]
+            xg = xp.reshape(nc, -1).index_select(1, flat).reshape(nc, Py * Px, 1, S)
+            out = (self.Ti.reshape(nc, Py * Px, G, S) * xg).sum(dim=(0, 1)).reshape(U)
         if x_b is not None and self.cols.numel():
             out = out + self.Tb.T @ x_b.to(self.Tb).reshape(-1)[self.cols.to(x.device)]
         return out
@@ -651,11 +671,12 @@ class Linearisation:
                 return lazy
         return out
 
-    # cost model of the period schedule, relative to one multiply-add of a convolution
-    # (measured on a 2-core CPU with the tangent batches of VGG7 / ResNet20, float32 and
-    # float64 alike: gathering one element costs ~150 conv MACs, an elementwise op ~60)
-    _COST_GATHER = 150.0
-    _COST_ELEMENTWISE = 60.0
+    # cost model of the period schedule, relative to one multiply-add of a convolution.
+    # Micro-benchmarks on a 2-core CPU (VGG7 / ResNet20 tangent batches) give ~150 MACs per
+    # gathered element and ~60 per elementwise op; timing whole sweeps under several constant
+    # pairs put the optimum (flat within ~5%) near 300 / 100, which we use.
+    _COST_GATHER = 300.0
+    _COST_ELEMENTWISE = 100.0
 
     def periods(self, targets: Sequence[str] | None = None, lazy: bool = False) -> dict[str, tuple[int, int]]:
         """Compression period of every needed node (its tangents are ``C·P_y·P_x`` image columns).
@@ -670,13 +691,15 @@ class Linearisation:
         for every recolour (gather) — so it skips intermediate raises, or switches to the
         dense identity layout, where the gathers would cost more than the extra tangents.
         Inputs other than the previous node (residual skips) are costed with the previous
-        round's periods; a few rounds, and the lazy schedule, are compared on the full model.
+        round's periods; a few rounds, and the lazy schedule, are compared on the full model,
+        and a final pass lowers nodes (e.g. a ResNet shortcut) where the model prefers their
+        consumers to recolour.
         """
         geom = self.geometry()
         names = [self._node_of(t).name for t in (targets or self.unit_layers)]
         need = self._ancestors(names)
         nodes = [n for n in self.net.nodes if n.name in need]
-        key = ("periods", tuple(n.name for n in nodes), tuple(names), bool(lazy))
+        key = ("periods", tuple(n.name for n in nodes), tuple(names), bool(lazy), self._COST_GATHER, self._COST_ELEMENTWISE)
         g0 = geom[nodes[0].name]
         hit = g0.cache.get(key)
         if hit is not None:
@@ -763,13 +786,27 @@ class Linearisation:
             if assign == prev_assign:
                 break
             prev_assign = assign
-        out = {n.name: best_assign[n.name] for n in nodes}
+        # local improvement: the order-monotone programme may hold a side branch (e.g. a
+        # ResNet shortcut before its subsampling) at the main branch's period; lower a node to
+        # the least period its windows and inputs allow where the model says so — its
+        # consumers then recolour the (often smaller) output instead
+        assign = dict(best_assign)
+        for n in order:
+            g = geom[n.name]
+            low = (max([g.ry] + [assign[i][0] for i in n.inputs]), max([g.rx] + [assign[i][1] for i in n.inputs]))
+            if low != assign[n.name]:
+                trial = dict(assign)
+                trial[n.name] = low
+                c = cost(trial)
+                if c < best_cost:
+                    assign, best_cost = trial, c
+        out = {n.name: assign[n.name] for n in nodes}
         g0.cache[key] = out
         return out
 
     # ---------------------------------------------------------------- forward sweep
     def sweep(self, layers: Sequence[str] | None = None, channels: Sequence[int] | None = None,
-              bias: bool = True, check_memory: bool = True) -> Iterator[LayerJacobian]:
+              bias: bool = True, check_memory: bool = True, schedule: str = "auto") -> Iterator[LayerJacobian]:
         """Forward pass of compressed tangents; yields a :class:`LayerJacobian` for every
         requested unit layer (or node name), in topological order.
 
@@ -779,6 +816,8 @@ class Linearisation:
         channels : image channels to include (column groups; default all).
         bias : include the bias columns.
         check_memory : refuse (ValueError) when the estimated peak exceeds the budget.
+        schedule : "auto" (cost-model periods, see :meth:`periods`) or "lazy" (smallest
+            periods); both give the same Jacobians, they differ only in speed and memory.
         """
         targets = list(layers) if layers is not None else self.unit_layers
         tnodes = {self._node_of(t).name: t for t in targets}
@@ -786,7 +825,7 @@ class Linearisation:
         C, H, W = self.image_shape
         chans = torch.arange(C) if channels is None else torch.as_tensor(list(channels), dtype=torch.long)
         nc = chans.numel()
-        plan = self.plan(list(tnodes))
+        plan = self.plan(list(tnodes), schedule=schedule)
         sched = plan["period"]
         if check_memory:
             est = plan["peak_bytes"] * nc / C
@@ -805,6 +844,12 @@ class Linearisation:
             for j in n.inputs:
                 last[j] = i
         states: dict[str, _State] = {}
+        pos = {nn.name: k for k, nn in enumerate(self.net.nodes)}
+        consumers: dict[str, list[str]] = {}
+        for nn in self.net.nodes:
+            if nn.name in need:
+                for j in nn.inputs:
+                    consumers.setdefault(j, []).append(nn.name)
         empty_cols = torch.zeros(0, dtype=torch.long, device=dev)
         for i, n in enumerate(self.net.nodes):
             if n.name not in need:
@@ -819,6 +864,12 @@ class Linearisation:
                 ins = [states[j] for j in n.inputs]
                 Pn = sched[n.name]
                 Tis = [_recolour(s.Ti, nc, s.P, Pn, geom[j]) for s, j in zip(ins, n.inputs)]
+                for j, s, T in zip(n.inputs, ins, Tis):
+                    if s.P != Pn and last.get(j, -1) > i and all(
+                            sched[c][0] >= Pn[0] and sched[c][1] >= Pn[1] for c in consumers[j] if pos[c] > i):
+                        # every later consumer (a residual skip) reads j at a period >= Pn: keep
+                        # the recoloured state instead, so the same gather is never done twice
+                        states[j] = _State(T, Pn, s.Tb, s.cols)
                 st = self._step(n, Tis, ins, Pn, bias)
             states[n.name] = st
             if n.name in tnodes:

@@ -268,3 +268,78 @@ def test_bad_arguments(vgg):
     lin = linearise(vgg, x, memory_budget="1MB")
     with pytest.raises(ValueError, match=r"GiB.*memory_budget"):
         next(iter(lin.sweep()))
+
+
+# ----------------------------------------------------------------------------- performance paths
+# (period schedule, one-gather densification, preallocated outputs): they must not change a
+# single value.  Float64; the forward rows are compared with reverse-mode VJPs at RTOL above.
+
+
+@pytest.fixture(scope="module")
+def vgg20():
+    from models.vgg7 import vgg7
+
+    torch.manual_seed(4)
+    return _net(vgg7(), (3, 20, 20), seed=4)
+
+
+def test_schedules_give_identical_jacobians(vgg20, resnet):
+    """The cost-model period schedule ('auto') and the smallest-period one ('lazy') represent
+    the same Jacobian: densified rows agree to RTOL (different summation orders only) and match
+    reverse mode; every period covers its node's windows and its inputs' periods."""
+    for net in (vgg20, resnet):
+        x = _x(net, 5)
+        lin = linearise(net, x)
+        auto, lazy = lin.periods(), lin.periods(lazy=True)
+        geom = lin.geometry()
+        for n in net.nodes:
+            if n.name in auto and not isinstance(n, InputNode):
+                assert auto[n.name][0] >= geom[n.name].ry and auto[n.name][1] >= geom[n.name].rx
+                for i in n.inputs:
+                    assert auto[n.name][0] >= auto[i][0] and auto[n.name][1] >= auto[i][1]
+        for A, B in zip(lin.sweep(schedule="auto"), lin.sweep(schedule="lazy")):
+            u = torch.arange(0, A.n_units, max(1, A.n_units // 23))
+            assert_rows_close(A.image(u), B.image(u), f"{A.name}: auto vs lazy schedule, image")
+            assert_rows_close(A.bias(u), B.bias(u), f"{A.name}: auto vs lazy schedule, bias")
+            HI, Hb = lin.unit_vjp(A.name, u)
+            assert_rows_close(A.image(u), HI, f"{A.name}: auto schedule vs reverse, image")
+            assert_rows_close(A.bias(u), Hb, f"{A.name}: auto schedule vs reverse, bias")
+        assert lin.plan(schedule="auto")["period"] == auto
+        if net is vgg20:  # at 20x20 the cost model skips raises (e.g. Conv0 straight at period 5)
+            assert auto != lazy
+
+
+def test_densify_all_units_into_buffer_equals_subsets(vgg20):
+    """image()/bias() of all units written into one reused buffer equal, bit for bit, the
+    per-subset densification (a different index path: per-unit rows) at every layer — the
+    zero-colour, masked and dense (pure transpose) paths all occur among VGG7's layers."""
+    x = _x(vgg20, 6)
+    lin = linearise(vgg20, x)
+    C, H, W = vgg20.input_shape
+    Umax = max(int(np.prod(vgg20.unit_node(l).out_shape)) for l in vgg20.unit_layers)
+    bufI = torch.full((Umax * C * H * W,), float("nan"), dtype=torch.float64)  # stale garbage must be overwritten
+    bufB = torch.full((Umax * vgg20.n_bias,), float("nan"), dtype=torch.float64)
+    kinds = set()
+    for LJ in lin.sweep():
+        HI, Hb = LJ.image(out=bufI), LJ.bias(out=bufB)
+        assert HI.data_ptr() == bufI.data_ptr() and Hb.data_ptr() == bufB.data_ptr()
+        assert HI.shape == (LJ.n_units, C, H, W) and Hb.shape == (LJ.n_units, vgg20.n_bias)
+        u = torch.randperm(LJ.n_units, generator=torch.Generator().manual_seed(1))[:37]
+        assert torch.equal(HI[u], LJ.image(u)), LJ.name
+        assert torch.equal(Hb[u], LJ.bias(u)), LJ.name
+        # <[x; x_b], H_u> reproduces every unit (Eq. 3) from the buffered arrays too
+        c_hat = HI.reshape(LJ.n_units, -1) @ x.reshape(-1) + Hb @ vgg20.x_b
+        assert torch.allclose(c_hat, LJ.dot(x, vgg20.x_b), rtol=1e-12, atol=1e-12 * float(c_hat.abs().max()))
+        kinds.add("dense" if LJ.P == (H, W) else ("zero-colour" if LJ.P[0] > LJ.ry or LJ.P[1] > LJ.rx else "mask"))
+    assert kinds == {"dense", "zero-colour", "mask"}
+
+
+def test_out_buffer_is_validated(vgg):
+    lin = linearise(vgg, _x(vgg))
+    LJ = lin.layer("Conv1")
+    with pytest.raises(ValueError, match="out must be a contiguous"):
+        LJ.image(out=torch.zeros(10, dtype=torch.float64))
+    with pytest.raises(ValueError, match="out must be a contiguous"):
+        LJ.image(out=torch.zeros(LJ.n_units * 3 * 12 * 12, dtype=torch.float32))
+    with pytest.raises(ValueError, match="schedule must be"):
+        lin.plan(schedule="eager")
