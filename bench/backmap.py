@@ -100,19 +100,6 @@ def _maxrss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
-def _fn(net, node_name):
-    from linop.graph import InputNode
-
-    def f(x, x_b):
-        vals = {}
-        for n in net.nodes:
-            vals[n.name] = x.unsqueeze(0) if isinstance(n, InputNode) else n.forward([vals[j] for j in n.inputs], x_b)
-            if n.name == node_name:
-                return vals[n.name][0].reshape(-1)
-
-    return f
-
-
 def _check(HI, Hb, x, x_b, c, unit_major: bool) -> float:
     """max_u |<[x;x_b], H_u> - c_u| / max|c| (outside the timed region)."""
     if unit_major:
@@ -125,7 +112,7 @@ def _check(HI, Hb, x, x_b, c, unit_major: bool) -> float:
 # ----------------------------------------------------------------------------- methods
 def run_method(method: str, model: str, dtype_name: str, max_seconds: float, jacrev_chunk: int,
                out_buffer: str = "reuse") -> dict:
-    from linop.jacobian import Linearisation, _State, linearise
+    from linop.jacobian import _State, linearise
     from linop.graph import BiasNode, InputNode
 
     dtype = getattr(torch, dtype_name)
@@ -216,7 +203,7 @@ def run_method(method: str, model: str, dtype_name: str, max_seconds: float, jac
         from torch.func import jacfwd, jacrev
 
         for layer in layers:
-            f = _fn(net, net.unit_node(layer).name)
+            f = net.extended_function(net.unit_node(layer).name)
             t = time.perf_counter()
             if method == "jacfwd":
                 HI, Hb = jacfwd(f, argnums=(0, 1))(x, x_b)

@@ -44,7 +44,6 @@ returns an iterator of :class:`BackMap` chunks of units that each fit the budget
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 

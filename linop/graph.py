@@ -331,6 +331,28 @@ class EquivalentNetwork:
                         vals.pop(j, None)
         return out
 
+    def extended_function(self, node: str):
+        """``f(x, x_b) -> flat output of node`` for ONE sample ``x`` of ``input_shape``.
+
+        The bias-extended function of seed 000 Eq. 3, evaluated node by node with no
+        ``no_grad`` and no caching, so ``torch.func.jacrev`` / ``jacfwd`` / autograd can
+        differentiate it w.r.t. both ``x`` and ``x_b`` (the reference the back-map is
+        cross-checked against)."""
+        self.node(node)  # clear error for an unknown name
+
+        def f(x: torch.Tensor, x_b: torch.Tensor) -> torch.Tensor:
+            vals: dict[str, torch.Tensor] = {}
+            for n in self.nodes:
+                if isinstance(n, InputNode):
+                    vals[n.name] = x.unsqueeze(0)
+                else:
+                    vals[n.name] = n.forward([vals[j] for j in n.inputs], x_b)
+                if n.name == node:
+                    return vals[n.name][0].reshape(-1)
+            raise AssertionError("unreachable: node was checked above")
+
+        return f
+
     def forward(self, x: Any, x_b: torch.Tensor | None = None) -> torch.Tensor:
         """Network output for a batch ``x`` (logits for a classifier)."""
         return self.run(x, x_b, keep=[self.output])[self.output]

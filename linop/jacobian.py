@@ -619,7 +619,7 @@ class Linearisation:
         ``schedule``: "auto" (the cost-model period schedule of :meth:`periods`, unless its
         peak exceeds the memory budget, then "lazy") or "lazy" (every node at the smallest
         period its windows allow)."""
-        geom = self.geometry()
+        self.geometry()  # build (and cache) the window geometry before planning
         names = [self._node_of(t).name for t in (targets or self.unit_layers)]
         need = self._ancestors(names)
         if schedule not in ("auto", "lazy"):
@@ -633,7 +633,6 @@ class Linearisation:
         for n in self.net.nodes:
             if n.name not in need:
                 continue
-            g = geom[n.name]
             if isinstance(n, InputNode):
                 P[n.name] = (1, 1)
                 nb[n.name] = 0

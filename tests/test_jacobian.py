@@ -35,16 +35,8 @@ def _perturb_bn(m: nn.Module, seed: int) -> nn.Module:
 
 
 def extended_fn(net, node_name):
-    """f(x, x_b) = the node's output, evaluated node by node (autograd-friendly, no no_grad)."""
-
-    def f(x, x_b):
-        vals = {}
-        for n in net.nodes:
-            vals[n.name] = x.unsqueeze(0) if isinstance(n, InputNode) else n.forward([vals[j] for j in n.inputs], x_b)
-            if n.name == node_name:
-                return vals[n.name][0].reshape(-1)
-
-    return f
+    """f(x, x_b) = the node's output (the library's autograd-friendly reference)."""
+    return net.extended_function(node_name)
 
 
 def autograd_rows(net, layer, x, units):
