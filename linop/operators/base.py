@@ -209,6 +209,13 @@ class AdjointOperator(Operator):
     def _adjoint(self):
         return self.op
 
+    def to_sparse(self, gpu: bool = False, dtype: Any = None, **kw):
+        """CSR of the transpose, from the parent's CSR (a CSR->CSR transpose is linear in
+        nnz; rebuilding from COO triplets would sort them again)."""
+        A = self.op.to_sparse(gpu=gpu, dtype=dtype, **kw).T.tocsr()
+        A.sort_indices()
+        return A
+
 
 def dottest(
     op: spla.LinearOperator,
