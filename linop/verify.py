@@ -272,7 +272,7 @@ def _resolve_network(model_or_checkpoint: Any, input_shape: tuple[int, ...] | No
         model, meta = load_checkpoint(path)
         ishape = tuple(meta.get("input_shape") or ()) or input_shape
         model.eval()  # our own freshly loaded copy: BN folding uses the running statistics (Eq. 7)
-        source, desc = model, f"{path} ({meta.get('model', type(model).__name__)})"
+        source, desc = model, f"{Path(path).name} ({meta.get('model', type(model).__name__)})"
         if input_shape is not None and ishape and tuple(ishape) != tuple(input_shape):
             raise ValueError(f"images have shape {tuple(input_shape)} per sample but checkpoint {path} expects {tuple(ishape)}")
         input_shape = tuple(ishape)
