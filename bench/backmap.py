@@ -112,8 +112,8 @@ def _check(HI, Hb, x, x_b, c, unit_major: bool) -> float:
 # ----------------------------------------------------------------------------- methods
 def run_method(method: str, model: str, dtype_name: str, max_seconds: float, jacrev_chunk: int,
                out_buffer: str = "reuse") -> dict:
-    from linop.jacobian import _State, linearise
-    from linop.graph import BiasNode, InputNode
+    from linop.linearize.jacobian import _State, linearise
+    from linop.network import BiasNode, InputNode
 
     dtype = getattr(torch, dtype_name)
     net, x, weights, image = build(model, dtype)

@@ -33,8 +33,8 @@ import numpy as np
 import torch
 
 from linop.operators.conv import Conv2d
-from linop.solve import CapacitanceSolver, FFTConvSolver, solve
-from linop.solve.dense import dense_bytes
+from linop.solvers import CapacitanceSolver, FFTConvSolver, solve
+from linop.solvers.dense import dense_bytes
 
 
 def make_layer(cin: int, cout: int, size: int, batch: int, seed: int):

@@ -16,8 +16,8 @@ from typing import Any, Callable
 COMMANDS = {
     "demo": ("linop.demo", "small operator demo: sparse conv == torch conv, adjoint check"),
     "train": ("models.train", "train a reference model on a data set and save a checkpoint"),
-    "verify": ("linop.verify", "AdjointBackMapV2 verification study (seed 000 Tables 3-4, Fig. 6)"),
-    "reconstruct": ("linop.reconstruct", "reconstruct feature maps from labels (seed 001 §3)"),
+    "verify": ("linop.studies.verify", "AdjointBackMapV2 verification study (seed 000 Tables 3-4, Fig. 6)"),
+    "reconstruct": ("linop.studies.reconstruct", "reconstruct feature maps from labels (seed 001 §3)"),
     "posttrain": ("models.posttrain", "FR-PT vs BP-PT post-training study (seed 001 §4)"),
 }
 

@@ -261,7 +261,7 @@ def default_reconstructor(upper: nn.Module, in_shape: tuple, embedding: str, sol
         return output_embedding
 
     from linop.convert import from_torch
-    from linop.reconstruct import reconstruct
+    from linop.reverse.walk import reconstruct
 
     net = from_torch(upper, tuple(in_shape), dtype=torch.float64)
 
@@ -278,7 +278,7 @@ def output_target(a_hat_L: torch.Tensor, y: torch.Tensor, embedding: str) -> tor
     """``a*_L`` from the label: NE / MA (seed 001 §3.3, ``linop.embed``) or the one-hot code."""
     if embedding == "onehot":
         return F.one_hot(y.long(), a_hat_L.shape[1]).to(a_hat_L.dtype)
-    from linop.embed import embed
+    from linop.reverse.embed import embed
 
     return embed(a_hat_L, y, norm=embedding)
 
@@ -913,7 +913,7 @@ def posttrain_study(
         raise ValueError(f"optimizer={optimizer!r}: expected one of {OPTIMIZERS}")
     if embedding not in EMBEDDINGS:
         raise ValueError(f"embedding={embedding!r}: expected one of {EMBEDDINGS}")
-    from linop.solve import METHODS as SOLVE_METHODS
+    from linop.solvers import METHODS as SOLVE_METHODS
 
     if solver not in SOLVE_METHODS:  # else only noticed at the first reconstruction with a solve
         raise ValueError(f"solver={solver!r}: expected one of {SOLVE_METHODS}")

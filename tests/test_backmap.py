@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from linop.backmap import BackMap, backmap, reconstructed_activations
+from linop.hypersurface import BackMap, backmap, reconstructed_activations
 from linop.convert import from_torch
 
 from test_jacobian import _perturb_bn, extended_fn

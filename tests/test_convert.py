@@ -21,7 +21,7 @@ from hypothesis import given, strategies as st
 from torch import nn
 
 from linop.convert import ConversionError, check_conversion, from_torch
-from linop.graph import EquivalentNetwork, LinearNode
+from linop.network import EquivalentNetwork, LinearNode
 
 RTOL64 = 1e-12  # see module docstring
 RTOL32 = 2e-5

@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from scipy.optimize import linprog
 
-from linop.embed import embed, ne_multipliers
+from linop.reverse.embed import embed, ne_multipliers
 
 # Entries drawn from a small integer grid (plus a float scale) so that ties — between
 # competitors, and between competitors and the label — occur often.

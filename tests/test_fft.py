@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from linop.operators.conv import Conv2d
-from linop.solve import FFTConvSolver, solve
+from linop.solvers import FFTConvSolver, solve
 
 
 def setup(cin, cout, H, k, rng, taps=None):

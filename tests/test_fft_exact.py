@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from linop.operators.conv import Conv2d
-from linop.solve import CapacitanceSolver, FFTConvSolver, solve
-from linop.solve.capacitance import boundary_positions
+from linop.solvers import CapacitanceSolver, FFTConvSolver, solve
+from linop.solvers.capacitance import boundary_positions
 
 # the package itself: the attribute ``linop.solve`` is the function
-ls = importlib.import_module("linop.solve")
+ls = importlib.import_module("linop.solvers")
 
 
 def layer(cin, cout, H, W, k, seed, zero_mean=False):

@@ -15,8 +15,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 from linop.convert import from_torch
-from linop.graph import InputNode
-from linop.jacobian import linearise, parse_memory
+from linop.network import InputNode
+from linop.linearize.jacobian import linearise
+from linop.utils import parse_memory
 
 RTOL = 1e-10
 

@@ -314,7 +314,7 @@ def test_cli_arguments():
 def test_default_reconstructor_meets_the_mdp_constraint():
     """With the real reverse pass (linop.reconstruct): the FC 16 -> 10 layer contracts, so
     a*_{L-1} is the MDP solution and classifier(a*_{L-1}) equals the embedded target z*_L."""
-    from linop.embed import embed
+    from linop.reverse.embed import embed
 
     torch.manual_seed(1)
     net = KConvMFC((1, 8, 8), (3, 16), (), 10, "tanh", kernel_size=3).eval()

@@ -19,11 +19,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-from linop import inverse
+from linop.reverse import steps as inverse
 from linop.convert import from_torch
-from linop.graph import AddNode, CatNode, EquivalentNetwork, InputNode, LinearNode
+from linop.network import AddNode, CatNode, EquivalentNetwork, InputNode, LinearNode
 from linop.operators import AvgPool2d, Linear
-from linop.reconstruct import plot_discrepancy, reconstruct, resolve_to_layer
+from linop.reverse.walk import reconstruct, resolve_to_layer
+from linop.studies.reconstruct import plot_discrepancy
 
 torch.set_num_threads(1)
 DT = torch.float64
@@ -215,7 +216,7 @@ def test_unpool_avg_copy_and_exact_min_norm():
     e = inverse.unpool_avg(q_star, 2, (2, 6, 4), mode="exact", a_hat=a)
     ref = _pinv_step(op, a, q_star)
     assert _rel(e, ref) < EXACT
-    from linop.solve import solve
+    from linop.solvers import solve
 
     s = solve(op, q_star, a, method="auto", tol=1e-12)
     assert _rel(torch.as_tensor(s.a).reshape(a.shape), ref) < EXACT

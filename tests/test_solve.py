@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from linop.operators.conv import Conv2d
 from linop.operators.dense import Linear
-from linop.solve import DenseSolver, solve
+from linop.solvers import DenseSolver, solve
 
 EPS = np.finfo(np.float64).eps
 

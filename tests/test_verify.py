@@ -17,10 +17,10 @@ import pytest
 import torch
 from torch import nn
 
-from linop import report as R
+from linop.studies import report as R
 
 # the module itself: the package attribute ``linop.verify`` is the function
-V = importlib.import_module("linop.verify")
+V = importlib.import_module("linop.studies.verify")
 
 torch.set_num_threads(1)
 
@@ -366,8 +366,8 @@ def test_cli_runs_and_prints_table(tmp_path, capsys, standin, vgg7_checkpoint):
 def test_end_to_end_real_backmap(tmp_path, capsys):
     """The real ``linop.backmap`` on a random piecewise-linear model: float64 reproduces every
     unit within 1 % (the paper's float64 criterion: 100 %)."""
-    pytest.importorskip("linop.backmap")
-    from linop.backmap import reconstructed_activations  # noqa: F401  (the API the study calls)
+    pytest.importorskip("linop.hypersurface")
+    from linop.hypersurface import reconstructed_activations  # noqa: F401  (the API the study calls)
 
     rep = V.verify(_tiny_net(3), _images(2, seed=7), out_dir=tmp_path, progress=False, figures=False)
     for layer in rep.layers:

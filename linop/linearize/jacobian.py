@@ -44,7 +44,6 @@ RM3 / RM4) need, and it cross-checks the forward representation.
 from __future__ import annotations
 
 import math
-import re
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Sequence
@@ -52,7 +51,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from .graph import (
+from ..network.graph import (
     ActivationNode,
     AddNode,
     BiasNode,
@@ -63,7 +62,8 @@ from .graph import (
     MaxPoolNode,
     Node,
 )
-from .operators.base import Operator, torch_dtype
+from ..operators.base import Operator, torch_dtype
+from ..utils import gib, parse_memory
 
 __all__ = [
     "linearise",
@@ -74,32 +74,6 @@ __all__ = [
 ]
 
 # ----------------------------------------------------------------------------- helpers
-
-_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
-          "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12, "tib": 2**40}
-
-
-def parse_memory(budget: Any, name: str = "memory_budget") -> int:
-    """``"2GiB"`` / ``"500MB"`` / ``1_000_000`` (bytes) -> bytes (int > 0)."""
-    if isinstance(budget, (int, np.integer)) and not isinstance(budget, bool):
-        n = int(budget)
-    elif isinstance(budget, float) and math.isfinite(budget):
-        n = int(budget)
-    elif isinstance(budget, str):
-        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", budget)
-        if not m or m.group(2).lower() not in _UNITS:
-            raise ValueError(f"{name} must be a byte count or a string like '2GiB' / '500MB', got {budget!r}")
-        n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-    else:
-        raise ValueError(f"{name} must be a byte count or a string like '2GiB' / '500MB', got {budget!r}")
-    if n <= 0:
-        raise ValueError(f"{name} must be positive, got {budget!r}")
-    return n
-
-
-def gib(nbytes: float) -> str:
-    return f"{nbytes / 2**30:.3g} GiB"
-
 
 def check_piecewise_linear(net: EquivalentNetwork) -> None:
     """Refuse networks with a smooth activation: the exact identity of Eq. 3 needs them

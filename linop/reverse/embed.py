@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import backend
+from .. import backend
 
 __all__ = ["embed", "nearest_embedding", "maximum_assignment", "ne_multipliers"]
 

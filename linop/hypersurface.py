@@ -50,8 +50,9 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from .graph import EquivalentNetwork, LinearNode
-from .jacobian import Linearisation, check_piecewise_linear, gib, linearise, parse_memory
+from .network.graph import EquivalentNetwork, LinearNode
+from .linearize.jacobian import Linearisation, check_piecewise_linear, linearise
+from .utils import gib, parse_memory
 
 __all__ = ["BackMap", "backmap", "reconstructed_activations", "MODES"]
 

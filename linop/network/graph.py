@@ -30,7 +30,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .operators.base import Operator, torch_dtype
+from ..operators.base import Operator, torch_dtype
+from .reverse import ReverseOptions, StepReport
 
 __all__ = [
     "Node",
@@ -60,6 +61,15 @@ class Node:
     def forward(self, xs: Sequence[torch.Tensor], x_b: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def reverse(self, z_star: torch.Tensor, z_hat: torch.Tensor, a_hats: Sequence[torch.Tensor],
+                x_b: torch.Tensor, options: ReverseOptions) -> tuple[list[torch.Tensor], StepReport]:
+        """Seed 001 §3: map the target ``z_star`` of this node's output (forward value ``z_hat``,
+        inputs ``a_hats``) back to one target per input; returns ``(targets, report)``."""
+        raise NotImplementedError(f"no reverse step for node {self.name!r} of type {type(self).__name__}")
+
+    def _report(self) -> StepReport:
+        return StepReport(self.name, type(self).__name__)
+
 
 @dataclass
 class InputNode(Node):
@@ -71,9 +81,80 @@ class InputNode(Node):
 class LinearNode(Node):
     op: Operator | None = None
     unit_layer: str | None = None  # "Conv0" … / "FC" when this is a unit layer's pre-bias output
+    _pattern: Any = field(default=None, init=False, repr=False, compare=False)
 
     def forward(self, xs, x_b):
         return self.op.apply(xs[0])
+
+    @property
+    def structural_pattern(self) -> Any:
+        """The closed-form pseudo-inverse pattern of an operator with at most one non-zero per
+        row and column (flatten, channel pad, subsample, scale, identity, diagonal, average
+        pooling), or None — computed once per node.  Only those families are examined, so a
+        convolution's or dense layer's matrix is never assembled for it."""
+        if self._pattern is None:
+            from ..operators import AvgPool2d, ChannelPad, Diagonal, Flatten, Identity, Scale, Subsample
+            from ..reverse.steps import structural_pinv
+
+            kinds = (Flatten, ChannelPad, Subsample, Scale, Identity, Diagonal, AvgPool2d)
+            self._pattern = (structural_pinv(self.op) if isinstance(self.op, kinds) else None,)
+        return self._pattern[0]
+
+    def reverse(self, z_star, z_hat, a_hats, x_b, options):
+        """Minimum-norm correction ``a* = â + W⁺(z* − W â)`` (MDP Eqs. 4–6 / CCP Eq. 7);
+        one-non-zero-per-row-and-column operators by their closed form, average pooling with
+        stride = kernel copied back (§3.4(b)) unless ``options.avgpool == "exact"``."""
+        from ..operators import AvgPool2d
+        from ..reverse import steps
+
+        report = self._report()
+        a_hat, op = a_hats[0], self.op
+        N = z_star.shape[0]
+        changed = ((z_star != z_hat).reshape(N, -1).any(1) if options.keep_unchanged
+                   else torch.ones(N, dtype=torch.bool, device=z_star.device))
+        report.n_solved = int(changed.sum())
+        if not bool(changed.any()):
+            report.case, report.method = "unchanged", "none"
+            return [a_hat.clone()], report
+        pattern = self.structural_pattern
+        a = None
+        if pattern is not None:
+            a, report.case = steps.structural_step(pattern, op.shape, z_star, a_hat)
+            report.method = "structural"
+        elif (options.avgpool == "copy" and isinstance(op, AvgPool2d) and not op.ceil_mode
+              and op.divisor_override is None):
+            try:
+                a = steps.unpool_avg(z_star, op.kernel_size, op.in_shape, mode="copy", a_hat=a_hat,
+                                     stride=op.stride, padding=op.padding,
+                                     p_hat=z_hat if options.keep_unchanged else None)
+                report.case, report.method = "MDP", "copy"
+            except NotImplementedError:
+                a = None
+        if a is None:
+            return [self._solve(z_star, a_hat, changed, options, report)], report
+        if options.keep_unchanged:
+            a = torch.where(changed.reshape((N,) + (1,) * (a.dim() - 1)), a, a_hat)
+        return [a], report
+
+    def _solve(self, z_star, a_hat, changed, options, report) -> torch.Tensor:
+        from ..solvers import solve
+        from ..solvers.fft import conv_spec
+
+        idx = changed.nonzero().flatten()
+        sub_a, sub_z = a_hat[idx], z_star[idx]
+        method, fallback = options.solver, None
+        if method in ("fft", "fft-pcg", "fft-exact"):
+            try:  # the FFT path covers stride-1 unpadded convs only (seed 001 §3.2)
+                conv_spec(self.op)
+            except (ValueError, NotImplementedError) as exc:
+                method, fallback = "auto", f"{options.solver} not applicable ({exc}); used auto"
+        res = solve(self.op, sub_z, sub_a, method=method, tol=options.tol, maxiter=options.maxiter)
+        a = a_hat.clone()
+        a[idx] = torch.as_tensor(res.a).to(device=a.device, dtype=a.dtype).reshape(sub_a.shape)
+        report.case, report.method, report.solve_info = res.case, res.method, dict(res.info)
+        if fallback:
+            report.solve_info["fallback"] = fallback
+        return a
 
 
 @dataclass
@@ -91,6 +172,16 @@ class BiasNode(Node):
 
     def forward(self, xs, x_b):
         return xs[0] + self.bias_term(x_b)
+
+    def reverse(self, z_star, z_hat, a_hats, x_b, options):
+        """``c* = z* − R b``."""
+        from ..reverse import steps
+
+        report = self._report()
+        report.method = "subtract"
+        c = steps.subtract_bias(z_star, self.bias_term(x_b), z_hat=z_hat, c_hat=a_hats[0],
+                                keep_unchanged=options.keep_unchanged)
+        return [c], report
 
 
 @dataclass
@@ -150,6 +241,19 @@ class ActivationNode(Node):
             return torch.ones_like(x)
         raise ValueError(f"unknown activation kind {self.kind!r} at node {self.name}")
 
+    def reverse(self, z_star, z_hat, a_hats, x_b, options):
+        """Inverse activation (seed 001 §3.4(a)); clipped entries are counted in the report."""
+        from ..reverse import steps
+
+        report = self._report()
+        z, clipped = steps.inverse_activation(
+            z_star, self.kind, self.negative_slope, clip_margin=options.clip_margin, relu=options.relu,
+            a_hat=z_hat, z_hat=a_hats[0], keep_unchanged=options.keep_unchanged, return_clipped=True,
+        )
+        report.method = f"inverse {self.kind}" + (f" ({options.relu})" if self.kind == "relu" else "")
+        report.n_clipped = clipped.cpu().numpy()
+        return [z], report
+
 
 @dataclass
 class MaxPoolNode(Node):
@@ -174,6 +278,27 @@ class MaxPoolNode(Node):
         offs = (torch.arange(C, device=x.device) * (H * W)).reshape(1, C, 1, 1)
         return idx + offs
 
+    def reverse(self, z_star, z_hat, a_hats, x_b, options):
+        """Copy back into the pooling window (seed 001 §3.4(b)), or argmax / nearest."""
+        from ..operators.conv import pair
+        from ..reverse import steps
+
+        in_shape = tuple(a_hats[0].shape[1:])
+        H, W = in_shape[1:]
+        k = pair(self.kernel_size, "kernel_size")
+        if self.ceil_mode and (H % k[0] or W % k[1]):
+            raise NotImplementedError(
+                f"max pooling {self.name!r} uses ceil_mode with partial windows ({H}x{W} by {k}); "
+                f"the copy-back reverse step of seed 001 §3.4(b) covers full windows only"
+            )
+        report = self._report()
+        report.method = options.maxpool
+        a = steps.unpool_max(
+            z_star, self.kernel_size, in_shape, mode=options.maxpool, a_hat=a_hats[0], stride=self.stride,
+            padding=self.padding, dilation=self.dilation, p_hat=z_hat if options.keep_unchanged else None,
+        )
+        return [a], report
+
 
 @dataclass
 class AddNode(Node):
@@ -183,6 +308,13 @@ class AddNode(Node):
             out = out + t
         return out
 
+    def reverse(self, z_star, z_hat, a_hats, x_b, options):
+        """The MDP split ``a_i* = â_i + (z* − ẑ)/k``: the closest inputs whose sum is z*."""
+        report = self._report()
+        report.case, report.method = "MDP", "split"
+        corr = (z_star - z_hat) / len(self.inputs)
+        return [a + corr for a in a_hats], report
+
 
 @dataclass
 class CatNode(Node):
@@ -190,6 +322,13 @@ class CatNode(Node):
 
     def forward(self, xs, x_b):
         return torch.cat(list(xs), dim=self.dim)
+
+    def reverse(self, z_star, z_hat, a_hats, x_b, options):
+        """Split the target along the concatenated axis."""
+        report = self._report()
+        report.method = "split"
+        sizes = [a.shape[self.dim] for a in a_hats]
+        return list(torch.split(z_star, sizes, dim=self.dim)), report
 
 
 @dataclass

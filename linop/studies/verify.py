@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from . import report as _report
-from .jacobian import parse_memory
+from ..utils import parse_memory
 
 __all__ = [
     "CRITERIA",
@@ -248,7 +248,7 @@ def _cache_key(mhash: str, ihash: str, dtype: str, scale: float, threshold: floa
 def _reconstruct(net, x, **kwargs) -> dict:
     """ĉ (and c) per layer from the effective hypersurfaces: ``linop.backmap``.  A module-level
     function so that tests can count calls."""
-    from .backmap import reconstructed_activations
+    from ..hypersurface import reconstructed_activations
 
     return reconstructed_activations(net, x, **kwargs)
 
@@ -256,7 +256,7 @@ def _reconstruct(net, x, **kwargs) -> dict:
 # ============================================================================ model / images
 def _resolve_network(model_or_checkpoint: Any, input_shape: tuple[int, ...] | None):
     """(EquivalentNetwork in float64, hash, description)."""
-    from .graph import EquivalentNetwork
+    from ..network.graph import EquivalentNetwork
 
     obj = model_or_checkpoint
     if isinstance(obj, EquivalentNetwork):
@@ -277,7 +277,7 @@ def _resolve_network(model_or_checkpoint: Any, input_shape: tuple[int, ...] | No
             raise ValueError(f"images have shape {tuple(input_shape)} per sample but checkpoint {path} expects {tuple(ishape)}")
         input_shape = tuple(ishape)
     if isinstance(source, torch.nn.Module):
-        from .convert import from_torch
+        from ..convert import from_torch
 
         if input_shape is None:
             raise ValueError("an input shape is needed to convert a torch module")

@@ -81,7 +81,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx.passes.shape_prop import ShapeProp
 
-from .graph import (
+from ..network.graph import (
     ActivationNode,
     AddNode,
     BiasNode,
@@ -92,7 +92,7 @@ from .graph import (
     MaxPoolNode,
     Node,
 )
-from .operators.base import as_shape, torch_dtype
+from ..operators.base import as_shape, torch_dtype
 
 __all__ = ["from_torch", "check_conversion", "ConversionError"]
 
@@ -286,7 +286,7 @@ class _Converter:
 
     def bias(self, node: fx.Node, inp: _T, bname: str, values: torch.Tensor, shape, mode: str,
              out_name: str, unit_layer: str | None = None) -> _T:
-        from .operators.structural import BiasRestriction
+        from ..operators.structural import BiasRestriction
 
         values = values.detach().to(device="cpu", dtype=torch.float64).reshape(-1)
         if bname in self.bias_values:
@@ -633,14 +633,14 @@ class _Converter:
             prev = c
         Wf = W * a.reshape((-1,) + (1,) * (W.dim() - 1))
         if is_conv:
-            from .operators.conv import Conv2d
+            from ..operators.conv import Conv2d
 
             op = Conv2d(self.param(Wf), inp.shape, stride=m.stride, padding=m.padding,
                         dilation=m.dilation, groups=m.groups)
             layer = f"Conv{self.n_conv}"
             self.n_conv += 1
         else:
-            from .operators.dense import Linear
+            from ..operators.dense import Linear
 
             op = Linear(self.param(Wf))
             layer = "FC" if self.n_fc == 1 else f"FC{self.n_fc_seen}"
@@ -682,7 +682,7 @@ class _Converter:
         return g, shift
 
     def standalone_bn(self, node: fx.Node, m: nn.Module) -> _T:
-        from .operators.structural import Scale
+        from ..operators.structural import Scale
 
         inp = self.tensor(node, node.args[0])
         if isinstance(m, nn.BatchNorm2d) and len(inp.shape) != 3:
@@ -749,7 +749,7 @@ class _Converter:
             if va.shape != vb.shape:
                 self.fail(node, f"broadcasting sum of shapes {va.shape} and {vb.shape}")
             if sign < 0:
-                from .operators.structural import Scale
+                from ..operators.structural import Scale
 
                 vb = self.linear(node, vb, Scale(vb.shape, -1.0),
                                  name=self.unique(f"{node.name}_neg"))
@@ -761,7 +761,7 @@ class _Converter:
                 self.fail(node, f"the other operand {cst!r} is neither a tensor of the network "
                           "nor a constant")
             if not x_first and sign < 0:  # c - x = c + (-1)·x
-                from .operators.structural import Scale
+                from ..operators.structural import Scale
 
                 x = self.linear(node, x, Scale(x.shape, -1.0),
                                 name=self.unique(f"{node.name}_neg"))
@@ -784,7 +784,7 @@ class _Converter:
         return not any(isinstance(n, BiasNode) and n.unit_layer == layer for n in self.nodes)
 
     def mul_op(self, node: fx.Node, div: bool) -> _T:
-        from .operators.structural import Scale
+        from ..operators.structural import Scale
 
         if len(node.args) != 2 or set(node.kwargs) - {"rounding_mode"} or node.kwargs.get(
                 "rounding_mode") is not None:
@@ -827,7 +827,7 @@ class _Converter:
                                 _source(node), dim=1))
 
     def pad(self, node: fx.Node) -> _T:
-        from .operators.structural import ChannelPad
+        from ..operators.structural import ChannelPad
 
         x = self.tensor(node, node.args[0])
         (pad, mode, value) = self.args(node, ["pad", "mode", "value"], [None, "constant", None])
@@ -858,7 +858,7 @@ class _Converter:
                                           and src.meta.get("tensor_meta") is None):
                 return _Opaque()  # x.shape[0] and the like
             self.fail(node, "indexing of a value that is not a tensor of the network")
-        from .operators.structural import Subsample
+        from ..operators.structural import Subsample
 
         if not isinstance(idx, tuple):
             idx = (idx,)
@@ -887,7 +887,7 @@ class _Converter:
         return self.linear(node, v, Subsample(v.shape, tuple(stride), tuple(offset)))
 
     def reshape(self, node: fx.Node) -> _T:
-        from .operators.structural import Flatten
+        from ..operators.structural import Flatten
 
         x = self.tensor(node, node.args[0])
         out = self.shape_of(node)
@@ -900,7 +900,7 @@ class _Converter:
         return self.linear(node, x, Flatten(x.shape))
 
     def mean(self, node: fx.Node) -> _T:
-        from .operators.pool import GlobalAvgPool2d
+        from ..operators.pool import GlobalAvgPool2d
 
         x = self.tensor(node, node.args[0])
         (dim, keepdim) = self.args(node, ["dim", "keepdim"], [None, False])
@@ -915,7 +915,7 @@ class _Converter:
 
     def avg_pool(self, node, kernel_size, stride, padding, ceil_mode, count_include_pad,
                  divisor_override) -> _T:
-        from .operators.pool import AvgPool2d
+        from ..operators.pool import AvgPool2d
 
         x = self.tensor(node, node.args[0])
         if len(x.shape) != 3:
@@ -952,7 +952,7 @@ class _Converter:
             self.fail(node, f"adaptive pooling {H}x{W} -> {osz[0]}x{osz[1]} with uneven windows")
         k = (H // osz[0], W // osz[1])
         if kind == "avg":
-            from .operators.pool import AvgPool2d, GlobalAvgPool2d
+            from ..operators.pool import AvgPool2d, GlobalAvgPool2d
 
             if osz == (1, 1):
                 return self.linear(node, x, GlobalAvgPool2d(x.shape, keepdim=True))

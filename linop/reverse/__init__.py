@@ -1,0 +1,5 @@
+"""Feature-level reverse propagation (seed 001 §3): embedding, reverse steps, the walk."""
+from .embed import embed
+from .walk import Reconstruction, StepReport, reconstruct, resolve_to_layer
+
+__all__ = ["embed", "reconstruct", "resolve_to_layer", "Reconstruction", "StepReport"]

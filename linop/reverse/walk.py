@@ -1,0 +1,390 @@
+"""End-to-end feature reconstruction from labels (seed 001 §3, the reverse pass).
+
+Seed 001 reconstructs intermediate feature maps from a label, backwards through a trained
+network, greedily, layer by layer (§3: "each reconstruction step from z*_{l+1} and
+parameters at the l-th layer pursues the 'best' a*_l without considering other feature
+maps"):
+
+1. forward pass, keeping every node's value ``â`` (``EquivalentNetwork.run``);
+2. optimal embedding of the label into the output space, ``z*_L = embed(â_L, y)`` — NE (L2,
+   Algorithm 1), MA (L1, Eq. 22) or the one-hot code of the ablation (§4.2);
+3. walk the equivalent network backwards, node by node, down to ``to_layer``:
+
+   ==================  ======================================================================
+   node                reverse step
+   ==================  ======================================================================
+   LinearNode          minimum-norm correction ``a* = â + W⁺(z* − W â)`` (:func:`linop.solve`):
+                       MDP (Eqs. 4–6) for full row rank, CCP (Eq. 7) for full column rank.
+                       Matrices with one non-zero per row and column (flatten, channel pad,
+                       subsample, scale) use the closed form of :func:`inverse.structural_step`;
+                       average pooling with stride = kernel is copied back (§3.4(b)) unless
+                       ``avgpool="exact"``.
+   BiasNode            ``c* = z* − R b``.
+   ActivationNode      inverse activation (§3.4(a)), :func:`inverse.inverse_activation`.
+   MaxPoolNode         copy back (§3.4(b)), :func:`inverse.unpool_max`.
+   AddNode             the MDP split ``a_i* = â_i + (z* − ẑ)/k`` (closest inputs whose sum is z*).
+   CatNode             split by channels.
+   ==================  ======================================================================
+
+When a node feeds several consumers on the path (residual networks) it receives several
+targets; ``fanout="mean"`` averages them (the least-squares consensus), the default refuses.
+
+**When is it exact?**  Running the network forward from ``a*_{to_layer}`` reproduces the
+embedded target ``z*_L`` exactly (to rounding) when every step is: linear steps in the MDP
+case (full row rank: the constraint ``W a* = z*`` holds), invertible activations
+(LeakyReLU/PReLU with slope > 0; tanh/sigmoid while no entry needed clipping; not ReLU when
+a* has negative entries), pooling reversed by copying (or "nearest").  A CCP step (the layer
+expands) only matches its target in least squares; a clipped tanh unit or ReLU of a
+negative a* breaks the chain there.  Every step's consistency ``||f(a*_in) − z*|| / ||z*||``
+is reported, so a user sees exactly where the chain is not exact.
+
+**Exactness convention** (``keep_unchanged=True``): a target equal to its forward value
+(per sample for linear layers, per entry for elementwise layers, per window for pooling)
+passes the forward input back bit for bit — zero deviation and exact feasibility, so it *is*
+the MDP answer.  Samples whose label is already the maximum then give ``a* = â`` at every
+layer.
+
+``to_layer`` (where the walk stops):
+
+* ``"input"`` — the network input (which may itself be a feature map: an upper part of a
+  network converted from layer ``l_R`` on, the FR-PT setting of seed 001 §4);
+* a node name — that node's output;
+* a unit-layer name ``U`` (``"Conv1"``, ``"FC0"``…) or ``"U:in"`` — the feature ``a_l`` that
+  layer U's weights act on (``z_{l+1} = W_l a_l + b_l`` in seed 001's notation), i.e. the
+  input of U's LinearNode;
+* ``"U:out"`` — the output of layer U's block (after its bias, activation and pooling): the
+  input of the next unit layer, or the network output for the last one.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+
+from . import steps as inverse
+from ..solvers import METHODS as SOLVE_METHODS
+from ..network.graph import EquivalentNetwork
+from ..network.reverse import ReverseOptions, StepReport, relative_misfit
+
+__all__ = [
+    "EMBEDDINGS",
+    "StepReport",
+    "Reconstruction",
+    "reconstruct",
+    "resolve_to_layer",
+]
+
+EMBEDDINGS = ("ne", "ma", "onehot")
+FANOUT = ("error", "mean")
+#: Refuse a reconstruction whose kept tensors (a* and â of every kept node) exceed this.
+DEFAULT_MAX_BYTES = 4 * 2**30
+
+
+# ----------------------------------------------------------------------------- results
+@dataclass
+class Reconstruction:
+    """Result of :func:`reconstruct`.
+
+    Attributes
+    ----------
+    to_layer : name of the node the walk stopped at; ``a_star`` is its reconstruction.
+    output : name of the network output node (holds the embedded target ``z*_L``).
+    features : node name -> reconstructed ``a*`` (N, *shape), every node passed.
+    forward : node name -> forward ``â`` (same nodes).
+    deviation : node name -> {"abs": ||a* − â|| (N,), "rel": ||a* − â|| / ||â|| (N,),
+        "max": max |a* − â| (N,)}.
+    steps : the reverse steps, output first.
+    labels : the labels y (N,).
+    embedding : "ne", "ma" or "onehot".
+    """
+
+    to_layer: str
+    output: str
+    features: dict[str, torch.Tensor]
+    forward: dict[str, torch.Tensor]
+    deviation: dict[str, dict[str, np.ndarray]]
+    steps: list[StepReport]
+    labels: torch.Tensor
+    embedding: str
+
+    @property
+    def a_star(self) -> torch.Tensor:
+        return self.features[self.to_layer]
+
+    @property
+    def target(self) -> torch.Tensor:
+        """The embedded output ``z*_L``."""
+        return self.features[self.output]
+
+    def step(self, node: str) -> StepReport:
+        for s in self.steps:
+            if s.node == node:
+                return s
+        raise KeyError(f"no reverse step at node {node!r}; steps: {[s.node for s in self.steps]}")
+
+    def summary(self) -> dict:
+        """A JSON-able summary: per-node deviation statistics and per-step reports."""
+        dev = {
+            k: {
+                "abs_mean": float(v["abs"].mean()),
+                "rel_mean": float(v["rel"].mean()),
+                "rel_max": float(v["rel"].max()),
+                "max_abs": float(v["max"].max()),
+                "shape": list(self.features[k].shape[1:]),
+            }
+            for k, v in self.deviation.items()
+        }
+        return {
+            "to_layer": self.to_layer,
+            "output": self.output,
+            "embedding": self.embedding,
+            "n": int(self.labels.shape[0]),
+            "deviation": dev,
+            "steps": [s.summary() for s in self.steps],
+        }
+
+
+# ----------------------------------------------------------------------------- helpers
+def resolve_to_layer(net: EquivalentNetwork, to_layer: str) -> str:
+    """The node name ``to_layer`` refers to (see the module docstring); ValueError if none."""
+    if not isinstance(to_layer, str):
+        raise ValueError(f"to_layer must be a string, got {to_layer!r}")
+    if to_layer == "input":
+        return net.nodes[0].name
+    names = {n.name for n in net.nodes}
+    if to_layer in names:
+        return to_layer
+    layer, _, side = to_layer.partition(":")
+    units = net.unit_layers
+    if layer in units and side in ("", "in", "out"):
+        lin = net.unit_node(layer)
+        if side in ("", "in"):
+            return lin.inputs[0]
+        nxt = units.index(layer) + 1
+        return net.unit_node(units[nxt]).inputs[0] if nxt < len(units) else net.output
+    raise ValueError(
+        f"to_layer {to_layer!r} is neither 'input', a node name nor a unit layer "
+        f"('U', 'U:in', 'U:out' with U in {units}); nodes: {sorted(names)}"
+    )
+
+
+def _ancestors(net: EquivalentNetwork, name: str) -> set[str]:
+    seen, stack = {name}, [name]
+    while stack:
+        for i in net.node(stack.pop()).inputs:
+            if i not in seen:
+                seen.add(i)
+                stack.append(i)
+    return seen
+
+
+def _descendants(net: EquivalentNetwork, name: str) -> set[str]:
+    seen = {name}
+    for n in net.nodes:  # topological order
+        if any(i in seen for i in n.inputs):
+            seen.add(n.name)
+    return seen
+
+
+def _flat_norm(t: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vector_norm(t.reshape(t.shape[0], -1), dim=1)
+
+
+_rel = relative_misfit
+
+
+def _labels(y: Any, N: int, n_classes: int, device) -> torch.Tensor:
+    yt = torch.as_tensor(np.asarray(y) if not isinstance(y, torch.Tensor) else y)
+    if yt.is_floating_point() or yt.is_complex() or yt.dtype == torch.bool:
+        raise ValueError(f"labels y must be integers, got dtype {yt.dtype}")
+    if yt.ndim != 1 or yt.shape[0] != N:
+        raise ValueError(f"labels y must have shape ({N},) to match the batch, got {tuple(yt.shape)}")
+    if N and (int(yt.min()) < 0 or int(yt.max()) >= n_classes):
+        bad = int(yt[(yt < 0) | (yt >= n_classes)][0])
+        raise ValueError(f"label {bad} out of range [0, {n_classes}) for an output of {n_classes} classes")
+    return yt.to(device=device, dtype=torch.int64)
+
+
+def _embed(a_hat_L: torch.Tensor, y: torch.Tensor, embedding: str) -> torch.Tensor:
+    if embedding == "onehot":  # the ablation baseline of seed 001 §4.2
+        out = torch.zeros_like(a_hat_L)
+        return out.scatter_(1, y[:, None], 1.0)
+    from .embed import embed
+
+    return embed(a_hat_L, y, norm="l2" if embedding == "ne" else "l1")
+
+
+# ----------------------------------------------------------------------------- the pass
+def reconstruct(
+    net: EquivalentNetwork,
+    x: Any,
+    y: Any,
+    to_layer: str = "input",
+    embedding: str = "ne",
+    solver: str = "auto",
+    tol: float = 1e-10,
+    maxiter: int | None = None,
+    clip_margin: float = inverse.DEFAULT_CLIP_MARGIN,
+    maxpool: str = "copy",
+    avgpool: str = "copy",
+    relu: str = "identity",
+    fanout: str = "error",
+    keep_unchanged: bool = True,
+    keep: Iterable[str] | None = None,
+    max_bytes: int | None = DEFAULT_MAX_BYTES,
+    progress: bool = False,
+) -> Reconstruction:
+    """Reconstruct feature maps from labels, backwards through ``net`` (seed 001 §3).
+
+    Parameters
+    ----------
+    net : EquivalentNetwork
+        Sequential (or residual, with ``fanout="mean"``) equivalent network; computation runs
+        in ``net.dtype`` (``net.to(torch.float64)`` for float64) on ``x``'s device.
+    x : array (N, *input_shape)
+        Network input batch (an image, or a feature map for an upper part of a network).
+    y : int array (N,)
+        Labels ``y*``; the output node must be a vector of class scores.
+    to_layer : str
+        Where to stop: ``"input"``, a node name, ``"U"`` / ``"U:in"`` / ``"U:out"`` for a unit
+        layer U (module docstring).
+    embedding : {"ne", "ma", "onehot"}
+        Output embedding: nearest embedding (L2, Algorithm 1), maximum assignment (L1,
+        Eq. 22) or the one-hot code (§4.2 ablation).
+    solver, tol, maxiter :
+        Passed to :func:`linop.solve` for every linear step (``solver`` is its ``method``).
+    clip_margin, relu :
+        Inverse activations (:func:`inverse.inverse_activation`).
+    maxpool : {"copy", "argmax", "nearest"}
+        Max-pooling reverse (:func:`inverse.unpool_max`; "copy" is the paper's).
+    avgpool : {"copy", "exact"}
+        Average pooling with stride = kernel: copy back (the paper) or the exact MDP solve
+        (other geometries are always solved exactly).
+    fanout : {"error", "mean"}
+        How a node with several consumers on the path combines their targets.
+    keep_unchanged : bool
+        The exactness convention of the module docstring.
+    keep : iterable of node names, optional
+        Nodes whose ``a*`` / ``â`` are returned (all nodes passed by default; ``to_layer`` and
+        the output are always kept).  Use it to bound memory for large batches.
+    max_bytes : int or None
+        Refuse (ValueError) when the kept tensors would exceed this many bytes.
+    progress : bool
+        tqdm progress bar over the reverse steps.
+
+    Returns
+    -------
+    Reconstruction
+    """
+    if not isinstance(net, EquivalentNetwork):
+        raise ValueError(f"net must be an EquivalentNetwork (see linop.from_torch), got {type(net).__name__}")
+    if embedding not in EMBEDDINGS:
+        raise ValueError(f"embedding must be one of {EMBEDDINGS}, got {embedding!r}")
+    if maxpool not in inverse.MAXPOOL_MODES:
+        raise ValueError(f"maxpool must be one of {inverse.MAXPOOL_MODES}, got {maxpool!r}")
+    if avgpool not in inverse.AVGPOOL_MODES:
+        raise ValueError(f"avgpool must be one of {inverse.AVGPOOL_MODES}, got {avgpool!r}")
+    if fanout not in FANOUT:
+        raise ValueError(f"fanout must be one of {FANOUT}, got {fanout!r}")
+    if relu not in inverse.RELU_MODES:
+        raise ValueError(f"relu must be one of {inverse.RELU_MODES}, got {relu!r}")
+    if not (isinstance(tol, (int, float)) and tol > 0):
+        raise ValueError(f"tol must be a positive number, got {tol!r}")
+    # checked here, not at the first linear step: a chain without one would accept anything
+    if solver not in SOLVE_METHODS:
+        raise ValueError(f"solver must be one of {SOLVE_METHODS}, got {solver!r}")
+    if maxiter is not None and (isinstance(maxiter, bool) or not isinstance(maxiter, (int, np.integer))
+                                or maxiter < 1):
+        raise ValueError(f"maxiter must be a positive integer or None, got {maxiter!r}")
+    target = resolve_to_layer(net, to_layer)
+    out_name = net.output
+    out_node = net.node(out_name)
+    if len(out_node.out_shape) != 1:
+        raise ValueError(f"the output node {out_name!r} must be a vector of class scores, has shape {out_node.out_shape}")
+    ancestors = _ancestors(net, out_name)
+    if target not in ancestors:
+        raise ValueError(f"to_layer {to_layer!r} (node {target!r}) does not feed the output {out_name!r}")
+    on_path = ancestors & _descendants(net, target)
+    order = [n for n in net.nodes if n.name in on_path]  # topological
+    consumers = {n.name: [m.name for m in order if n.name in m.inputs] for n in order}
+    if fanout == "error":
+        for name, cs in consumers.items():
+            if len(cs) > 1:
+                raise NotImplementedError(
+                    f"node {name!r} feeds {len(cs)} nodes on the reverse path ({cs}); the greedy "
+                    f"reverse pass of seed 001 §3 is defined for chains — pass fanout='mean' to "
+                    f"average the reconstructed targets, or reconstruct to a layer above the branch"
+                )
+
+    x = torch.as_tensor(x)
+    if not x.is_floating_point() or x.dtype != net.dtype:
+        x = x.to(net.dtype)
+    kept = {n.name for n in order} if keep is None else set(keep) | {target, out_name}
+    unknown = kept - {n.name for n in order}
+    if unknown:
+        raise ValueError(f"keep names nodes not on the reverse path: {sorted(unknown)}")
+    N = x.shape[0] if x.dim() > len(net.input_shape) else 1
+    need = {n.name for n in order} | {i for n in order for i in n.inputs}
+    # forward values of every node on the path live through the walk, plus the kept a*
+    per_sample = (sum(math.prod(net.node(k).out_shape) for k in need)
+                  + sum(math.prod(net.node(k).out_shape) for k in kept)) * x.element_size()
+    if max_bytes is not None and N * per_sample > max_bytes:
+        raise ValueError(
+            f"reconstruct: the forward values of {len(need)} nodes and a* of {len(kept)} for {N} samples need "
+            f"{N * per_sample / 2**30:.2f} GiB > max_bytes={max_bytes / 2**30:.2f} GiB; pass fewer "
+            f"samples (at most {max(1, max_bytes // per_sample)}), fewer nodes in keep=, or raise max_bytes"
+        )
+
+    options = ReverseOptions(solver=solver, tol=tol, maxiter=maxiter, clip_margin=clip_margin, maxpool=maxpool,
+                             avgpool=avgpool, relu=relu, keep_unchanged=keep_unchanged)
+    fwd = net.run(x, keep=need)
+    N = fwd[target].shape[0]
+    a_L = fwd[out_name]
+    yt = _labels(y, N, a_L.shape[1], a_L.device)
+    x_b = net.x_b.to(device=a_L.device, dtype=a_L.dtype)
+
+    star: dict[str, torch.Tensor] = {out_name: _embed(a_L, yt, embedding).to(a_L.dtype)}
+    pending: dict[str, list[torch.Tensor]] = {}
+    steps: list[StepReport] = []
+    features: dict[str, torch.Tensor] = {}
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(order) - 1, desc="reconstruct", disable=not progress, leave=False)
+    for node in reversed(order):
+        name = node.name
+        if name != out_name:
+            parts = pending.pop(name)
+            star[name] = parts[0] if len(parts) == 1 else torch.stack(parts).mean(0)
+        if name in kept:
+            features[name] = star[name]
+        if name == target:
+            break
+        t0 = time.perf_counter()
+        ins, report = node.reverse(star[name], fwd[name], [fwd[i] for i in node.inputs], x_b, options)
+        with torch.no_grad():
+            again = node.forward(ins, x_b)
+        report.consistency = _rel(again - star[name], star[name])
+        report.seconds = time.perf_counter() - t0
+        steps.append(report)
+        for inp, val in zip(node.inputs, ins):
+            if inp in on_path:
+                pending.setdefault(inp, []).append(val)
+        if name not in kept and name != out_name:
+            del star[name]  # bounded memory: only kept features survive the walk
+        bar.update(1)
+    bar.close()
+
+    forward = {k: fwd[k] for k in features}
+    deviation = {}
+    for k, a in features.items():
+        d = a - forward[k]
+        deviation[k] = {
+            "abs": _flat_norm(d).cpu().numpy().astype(np.float64),
+            "rel": _rel(d, forward[k]),
+            "max": d.reshape(N, -1).abs().amax(1).cpu().numpy().astype(np.float64) if d[0].numel() else np.zeros(N),
+        }
+    return Reconstruction(target, out_name, features, forward, deviation, steps, yt, embedding)

@@ -1,0 +1,1 @@
+"""Studies: verification (seed 000), reconstruction and post-training (seed 001)."""
