@@ -10,13 +10,13 @@ image part and bias part — as dense tensors in the library's documented RM2 la
 layout (transposes included):
 
 * ``linop``    — this library: one forward sweep of compressed-window tangents
-  (:mod:`linop.jacobian`, with its cost-model period schedule), then each layer's dense RM2
+  (:mod:`linop.linearize`, with its cost-model period schedule), then each layer's dense RM2
   arrays via :meth:`LayerJacobian.image` / ``bias``, i.e. including the densification.
 * ``identity`` — the paper's method (seed 000 Algorithm 1): forward-mode convolution of an
   identity batch of ``C·H·W`` image tangents (3,072) plus one tangent per bias entry (only
-  from the node where each bias enters), through the linearised network; the tangent batch is
+  from the node where each bias enters), through the linearised network — the public
+  ``lin.sweep(schedule="identity")`` (period ``(H, W)`` everywhere); the tangent batch is
   ``(n_in, U)`` (tangent-major) and is transposed into the RM2 layout (charged).
-* ``identity_cl`` (extra) — the same with channels-last tangent batches.
 
 ``--out-buffer reuse`` (default): ``linop`` and ``identity`` both write each layer's RM2 arrays
 into one preallocated, pre-touched buffer (largest layer's size) reused across layers — what a
@@ -53,7 +53,7 @@ import torch
 
 METHODS = ("linop", "identity", "jacfwd", "jacrev")
 #: extra, not a baseline: the compressed Jacobians + ĉ only (what reconstructed_activations does)
-EXTRA = ("linop_sweep", "identity_cl")
+EXTRA = ("linop_sweep",)
 CHECKPOINTS = {"vgg7": "models/checkpoints/vgg7_digits32.pt", "resnet20": "models/checkpoints/resnet20_digits32.pt"}
 
 
@@ -112,8 +112,7 @@ def _check(HI, Hb, x, x_b, c, unit_major: bool) -> float:
 # ----------------------------------------------------------------------------- methods
 def run_method(method: str, model: str, dtype_name: str, max_seconds: float, jacrev_chunk: int,
                out_buffer: str = "reuse") -> dict:
-    from linop.linearize.jacobian import _State, linearise
-    from linop.network import BiasNode, InputNode
+    from linop import linearise
 
     dtype = getattr(torch, dtype_name)
     net, x, weights, image = build(model, dtype)
@@ -122,13 +121,13 @@ def run_method(method: str, model: str, dtype_name: str, max_seconds: float, jac
     layers = net.unit_layers
     res: dict[str, Any] = {"model": model, "dtype": dtype_name, "method": method, "weights": weights,
                            "image": image, "layers": {}, "threads": torch.get_num_threads(), "complete": True,
-                           "out_buffer": out_buffer if method in ("linop", "identity", "identity_cl") else "fresh",
+                           "out_buffer": out_buffer if method in ("linop", "identity") else "fresh",
                            "load_avg_start": os.getloadavg()}
     setup = 0.0
     C, H, W = 3, 32, 32
     n_in = C * H * W
     bufI = bufB = None
-    if out_buffer == "reuse" and method in ("linop", "identity", "identity_cl"):
+    if out_buffer == "reuse" and method in ("linop", "identity"):
         # one RM2 output buffer for the largest layer, touched once here (outside the timing)
         Umax = max(int(np.prod(net.unit_node(l).out_shape)) for l in layers)
         bufI = torch.zeros(Umax * n_in, dtype=dtype)
@@ -159,46 +158,19 @@ def run_method(method: str, model: str, dtype_name: str, max_seconds: float, jac
             c = pre[LJ.name]
             res["layers"][LJ.name] = {"time_s": el, "rel_err": float(((ch - c).abs().max() / c.abs().max()).item())}
             t = time.perf_counter()
-    elif method in ("identity", "identity_cl"):
+    elif method == "identity":
+        # the paper's identity batch is the sweep's "identity" schedule: P = (H, W) at every node
         lin = linearise(net, x, memory_budget="64GiB")
-        C, H, W = lin.image_shape
-        n = C * H * W
-        cl = method == "identity_cl"
         t = time.perf_counter()
-        states: dict[str, Any] = {}
-        last = {j: i for i, nd in enumerate(net.nodes) for j in nd.inputs}
-        P = (H, W)
-        for i, nd in enumerate(net.nodes):
-            if isinstance(nd, InputNode):
-                Ti = torch.eye(n, dtype=dtype).reshape((n,) + tuple(nd.out_shape))
-                if cl:
-                    Ti = Ti.contiguous(memory_format=torch.channels_last)
-                st = _State(Ti, P, Ti.new_zeros((0,) + tuple(nd.out_shape)), torch.zeros(0, dtype=torch.long))
-            else:
-                ins = [states[j] for j in nd.inputs]
-                st = lin._step(nd, [s.Ti for s in ins], ins, P, True)
-            states[nd.name] = st
-            layer = getattr(nd, "unit_layer", None)
-            if layer and not isinstance(nd, BiasNode):
-                # the RM2 layout (U, C, H, W) / (U, n_b): a transposed copy of the tangent batch
-                U = int(np.prod(nd.out_shape))
-                HI = (bufI[: U * n].view((U,) + tuple(lin.image_shape)) if bufI is not None
-                      else torch.empty((U,) + tuple(lin.image_shape), dtype=dtype))
-                HI.view(U, n).copy_(st.Ti.reshape(n, U).T)
-                Hb = bufB[: U * net.n_bias].view(U, net.n_bias) if bufB is not None else torch.empty(U, net.n_bias, dtype=dtype)
-                Hb.zero_()
-                if st.cols.numel():
-                    Hb[:, st.cols] = st.Tb.reshape(st.cols.numel(), U).T
-                el = time.perf_counter() - t
-                res["layers"][layer] = {"time_s": el, "rel_err": _check(HI, Hb, x, x_b, pre[layer], True)}
-                del HI, Hb
-                t = time.perf_counter()
-            for j in nd.inputs:
-                if last.get(j) == i:
-                    states.pop(j, None)
+        for LJ in lin.sweep(schedule="identity"):
+            HI, Hb = LJ.image(out=bufI), LJ.bias(out=bufB)  # dense regime: one transposed copy
+            el = time.perf_counter() - t
+            res["layers"][LJ.name] = {"time_s": el, "rel_err": _check(HI, Hb, x, x_b, pre[LJ.name], True)}
+            del HI, Hb
             if time.perf_counter() - t_all > max_seconds:
                 res["complete"] = False
                 break
+            t = time.perf_counter()
     else:
         from torch.func import jacfwd, jacrev
 

@@ -13,7 +13,7 @@ and distance to the exact solution ``||a − a*||/||a* − â||``; ratios agains
 * ``cg``       exact, batched Craig / CGLS with the direct torch conv (same subset);
 * ``lsmr``     exact, scipy per sample — run on ``--lsmr-samples`` samples and extrapolated
                linearly to the batch (marked "extrapolated");
-* ``dense``    exact KKT via :class:`~linop.solve.DenseSolver` — only if it fits ``--max-gib``;
+* ``dense``    exact KKT via :class:`~linop.solvers.DenseSolver` — only if it fits ``--max-gib``;
                otherwise reported as skipped with its size, and run at ``--dense-size`` instead.
 
 The exact reference for the distances is ``fft-exact`` (cross-checked: fft-pcg / cg / lsmr
@@ -32,9 +32,8 @@ import time
 import numpy as np
 import torch
 
-from linop.operators.conv import Conv2d
-from linop.solvers import CapacitanceSolver, FFTConvSolver, solve
-from linop.solvers.dense import dense_bytes
+from linop.operators import Conv2d
+from linop.solvers import CapacitanceSolver, FFTConvSolver, dense_bytes, solve
 
 
 def make_layer(cin: int, cout: int, size: int, batch: int, seed: int):
@@ -59,7 +58,7 @@ def run_case(cin, cout, args, rows, out):
     tag = f"{cin}->{cout}"
     t = time.perf_counter()
     fs = FFTConvSolver(w, op.in_shape)
-    fs._precond("mdp" if op.shape[0] <= op.shape[1] else "ccp")
+    fs.precondition("MDP" if op.shape[0] <= op.shape[1] else "CCP")  # timed with the factorisation
     t_factor = time.perf_counter() - t
     t = time.perf_counter()
     cs = CapacitanceSolver(w, op.in_shape, fft_solver=fs)

@@ -1,3 +1,4 @@
+"""``python -m linop``: the command line (:mod:`linop.cli`)."""
 import sys
 
 from .cli import main

@@ -51,7 +51,7 @@ import numpy as np
 import torch
 
 from .network.graph import EquivalentNetwork, LinearNode
-from .linearize.jacobian import Linearisation, check_piecewise_linear, linearise
+from .linearize import Linearisation, check_piecewise_linear, linearise
 from .utils import gib, parse_memory
 
 __all__ = ["BackMap", "backmap", "reconstructed_activations", "MODES"]
@@ -120,13 +120,14 @@ def backmap(
     memory_budget: Any = "2GiB",
     stream: bool = False,
     method: str = "auto",
+    linearisation: Linearisation | None = None,
 ) -> BackMap | Iterator[BackMap]:
     """Effective hypersurfaces (AdjointBackMapV2, seed 000 Algorithm 1) of a unit layer.
 
     Parameters
     ----------
     net : EquivalentNetwork (piecewise linear; tanh / sigmoid raise ValueError)
-    x : one input, shape ``input_shape`` or ``(1, *input_shape)``
+    x : one input, shape ``input_shape`` or ``(1, *input_shape)`` (None with ``linearisation``)
     layer : unit layer name (``net.unit_layers``: "Conv0" … "FC")
     mode : "RM0" … "RM4" (see the module docstring for the layouts)
     units : selection (flat unit indices for RM2/RM4/RM0, out-channels for RM3/RM1; None = all)
@@ -136,6 +137,8 @@ def backmap(
     stream : return an iterator of BackMap chunks (of units) each within the budget
     method : "auto" | "forward" | "reverse" — forward compressed-window sweep (many units)
         or one VJP per unit (few units).  Both are exact; "auto" picks by the unit count.
+    linearisation : an existing ``linearise(net, x, ...)`` to reuse (no forward pass is run
+        again); then ``x`` may be None, and ``scale`` / ``dtype`` are the linearisation's.
 
     Returns
     -------
@@ -157,7 +160,7 @@ def backmap(
         raise ValueError(
             f"{mode} needs a conv layer reading a (C_in, H, W) feature map and producing (C_out, H_out, W_out); "
             f"{layer} maps {in_shape} -> {out_shape} (use RM0/RM2 for FC outputs)")
-    lin = linearise(net, x, scale=scale, dtype=dtype, memory_budget=budget)
+    lin = _linearisation(net, x, scale, dtype, budget, linearisation)
     item = torch.empty(0, dtype=lin.dtype).element_size()
     d_in = int(np.prod(net.input_shape)) + net.n_bias
     U = int(np.prod(out_shape))
@@ -184,6 +187,24 @@ def backmap(
                          f"> memory_budget={gib(budget)}; raise memory_budget")
     chunk = int((budget - sweep) // per)
     return _stream(lin, layer, mode, sel, method, in_shape, out_shape, chunk)
+
+
+def _linearisation(net: EquivalentNetwork, x: Any, scale: float, dtype: Any, budget: int,
+                   lin: Linearisation | None) -> Linearisation:
+    """``lin`` checked against ``net`` / ``x``, or a new linearisation of ``net`` at ``x``."""
+    if lin is None:
+        if x is None:
+            raise ValueError("x is required unless an existing linearisation= is given")
+        return linearise(net, x, scale=scale, dtype=dtype, memory_budget=budget)
+    if not isinstance(lin, Linearisation):
+        raise TypeError(f"linearisation must be a Linearisation (from linop.linearise), got {type(lin).__name__}")
+    if lin.net.nodes is not net.nodes:
+        raise ValueError("linearisation was built for another network than net")
+    if x is not None:
+        xt = torch.as_tensor(x).to(lin.x).reshape(lin.x.shape)
+        if not torch.equal(xt, lin.x):
+            raise ValueError("x differs from the point the linearisation was taken at; pass x=None to use it")
+    return lin
 
 
 def _stream(lin, layer, mode, sel, method, in_shape, out_shape, chunk) -> Iterator[BackMap]:
@@ -254,6 +275,7 @@ def reconstructed_activations(
     scale: float = 1.0,
     dtype: Any = None,
     memory_budget: Any = "2GiB",
+    linearisation: Linearisation | None = None,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """True and reconstructed pre-bias activations of every unit of the given unit layers.
 
@@ -261,13 +283,15 @@ def reconstructed_activations(
     ``ĉ = <x, H^I> + <x_b, H^b>`` from the effective hypersurfaces of *all* units (seed 000
     Eq. 14), both flat in C-order of the layer's output, in the compute ``dtype``.  The
     hypersurfaces are never materialised densely: ``ĉ`` is contracted from the compressed
-    window representation of one forward sweep (see :mod:`linop.jacobian`).
+    window representation of one forward sweep (see :mod:`linop.linearize.sweep`).
+    ``linearisation``: an existing ``linearise(net, x, ...)`` to reuse (``x`` may then be
+    None; its ``scale`` / ``dtype`` / ``memory_budget`` apply).
 
     Returns
     -------
     dict layer -> (c, c_hat)
     """
-    lin = linearise(net, x, scale=scale, dtype=dtype, memory_budget=memory_budget)
+    lin = _linearisation(net, x, scale, dtype, parse_memory(memory_budget), linearisation)
     layers = list(layers) if layers is not None else lin.unit_layers
     for l in layers:
         if l not in lin.unit_layers:

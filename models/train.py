@@ -140,6 +140,45 @@ def _deterministic(num_threads: int | None):
         torch.set_num_threads(old_threads)
 
 
+def _check_train_args(model_name: str, epochs: int, lr: float, batch_size: int, optimizer: str,
+                      schedule: str, device: str, num_threads: int | None) -> None:
+    """Reject bad options of :func:`train` (``ValueError`` naming the option) before any work."""
+    if epochs < 1 or batch_size < 1 or lr <= 0:
+        raise ValueError(f"train: epochs={epochs}, batch_size={batch_size} must be >= 1 and "
+                         f"lr={lr} > 0")
+    if optimizer not in ("sgd", "adam"):
+        raise ValueError(f"train: optimizer={optimizer!r}; choose 'sgd' or 'adam'")
+    if schedule not in ("cosine", "constant"):
+        raise ValueError(f"train: schedule={schedule!r}; choose 'cosine' or 'constant'")
+    if model_name not in MODELS:
+        raise ValueError(f"train: model={model_name!r} not registered; choose one of "
+                         f"{sorted(MODELS)}")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"train: device={device!r} is not a torch device ({exc})") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"train: device={device!r} but torch reports no CUDA device "
+                         f"(torch {torch.__version__}); use device='cpu'")
+    if num_threads is not None and num_threads < 1:
+        raise ValueError(f"train: num_threads={num_threads} must be >= 1")
+
+
+def _make_optimizer(model: nn.Module, optimizer: str, lr: float, momentum: float,
+                    weight_decay: float, scalar_lr_mult: float) -> torch.optim.Optimizer:
+    """SGD (with momentum) or Adam over the model's trainable parameters."""
+    # Fixup practice: scalar biases / multipliers learn at a tenth of the base rate (their
+    # gradients sum over every position and channel of the layer they shift)
+    scalars = [p for p in model.parameters() if p.requires_grad and p.numel() == 1]
+    tensors = [p for p in model.parameters() if p.requires_grad and p.numel() > 1]
+    params = [{"params": tensors}]
+    if scalars:
+        params.append({"params": scalars, "lr": lr * scalar_lr_mult})
+    if optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+
+
 def train(model_name: str, data_name: str, epochs: int, lr: float, batch_size: int, seed: int,
           out: str | os.PathLike, root: str | os.PathLike | None = None, device: str = "cpu",
           *, optimizer: str = "sgd", momentum: float = 0.9, weight_decay: float = 5e-4,
@@ -187,25 +226,7 @@ def train(model_name: str, data_name: str, epochs: int, lr: float, batch_size: i
     dict
         The checkpoint metadata (also saved in ``out``).
     """
-    if epochs < 1 or batch_size < 1 or lr <= 0:
-        raise ValueError(f"train: epochs={epochs}, batch_size={batch_size} must be >= 1 and "
-                         f"lr={lr} > 0")
-    if optimizer not in ("sgd", "adam"):
-        raise ValueError(f"train: optimizer={optimizer!r}; choose 'sgd' or 'adam'")
-    if schedule not in ("cosine", "constant"):
-        raise ValueError(f"train: schedule={schedule!r}; choose 'cosine' or 'constant'")
-    if model_name not in MODELS:
-        raise ValueError(f"train: model={model_name!r} not registered; choose one of "
-                         f"{sorted(MODELS)}")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as exc:
-        raise ValueError(f"train: device={device!r} is not a torch device ({exc})") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"train: device={device!r} but torch reports no CUDA device "
-                         f"(torch {torch.__version__}); use device='cpu'")
-    if num_threads is not None and num_threads < 1:
-        raise ValueError(f"train: num_threads={num_threads} must be >= 1")
+    _check_train_args(model_name, epochs, lr, batch_size, optimizer, schedule, device, num_threads)
     from tqdm.auto import tqdm
 
     with _deterministic(num_threads):
@@ -215,17 +236,7 @@ def train(model_name: str, data_name: str, epochs: int, lr: float, batch_size: i
         kwargs.update(model_kwargs or {})
         torch.manual_seed(seed)
         model = build_model(model_name, **kwargs).to(device)
-        # Fixup practice: scalar biases / multipliers learn at a tenth of the base rate (their
-        # gradients sum over every position and channel of the layer they shift)
-        scalars = [p for p in model.parameters() if p.requires_grad and p.numel() == 1]
-        tensors = [p for p in model.parameters() if p.requires_grad and p.numel() > 1]
-        params = [{"params": tensors}]
-        if scalars:
-            params.append({"params": scalars, "lr": lr * scalar_lr_mult})
-        if optimizer == "sgd":
-            opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-        else:
-            opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+        opt = _make_optimizer(model, optimizer, lr, momentum, weight_decay, scalar_lr_mult)
         n = ds.x_train.shape[0]
         steps_per_epoch = (n + batch_size - 1) // batch_size
         sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * steps_per_epoch)
@@ -336,11 +347,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m models.train``: bad input is reported as one argparse error (exit 2)."""
     parser = argparse.ArgumentParser(prog="python -m models.train", description=__doc__.split("\n")[0])
     add_arguments(parser)
-    from linop.cli import run_command
-
-    return run_command("python -m models.train", run, parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except (ValueError, FileNotFoundError) as exc:
+        parser.error((str(exc).strip().splitlines() or [type(exc).__name__])[0])  # exits with status 2
 
 
 if __name__ == "__main__":  # pragma: no cover

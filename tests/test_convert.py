@@ -11,16 +11,24 @@ large relative error from cancellation without anything being wrong.
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 from torch import nn
 
-from linop.convert import ConversionError, check_conversion, from_torch
+from linop.convert import (
+    ConversionError,
+    check_conversion,
+    from_torch,
+    register_converter,
+    unregister_converter,
+)
 from linop.network import EquivalentNetwork, LinearNode
 
 RTOL64 = 1e-12  # see module docstring
@@ -720,3 +728,223 @@ def test_random_architectures_match_torch(data):
         assert net.piecewise_linear
         y = net(x)
         assert rel(net.forward(2.5 * x, x_b=2.5 * net.x_b), 2.5 * y) <= RTOL64
+
+
+# ---------------------------------------------------------------------------- every problem at once
+class ManyProblems(nn.Module):
+    """Four unsupported operations; the chunk's tuple has no tensor shape, its items do."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3)
+        self.act = nn.GELU()
+
+    def forward(self, x):
+        y = self.act(self.conv(x))
+        a, b = y.chunk(2, 1)
+        z = torch.sin(a + b)
+        return torch.cat([z, z], dim=2)
+
+
+def test_every_unsupported_op_in_one_error():
+    with pytest.raises(ConversionError) as info:
+        from_torch(ManyProblems().eval(), (1, 6, 6))
+    err = info.value
+    assert [p.node for p in err.problems] == ["act", "chunk", "sin", "cat"]
+    assert [p.op for p in err.problems] == ["call_module", "call_method", "call_function",
+                                            "call_function"]
+    assert all(re.search(r"test_convert\.py:\d+ `", p.where) for p in err.problems)
+    text = str(err)
+    assert "cannot convert 4 fx nodes" in text
+    for pattern in [r"'act' .*\[GELU\].*`y = self\.act", r"'chunk' .*chunk.*tensor method",
+                    r"'sin' .*torch\.sin.*unsupported function", r"'cat' .*dim=2"]:
+        assert re.search(pattern, text), pattern
+
+
+def test_consequences_of_a_failure_are_not_reported():
+    class Ret(nn.Module):
+        def forward(self, x):
+            return x.chunk(2, 1)[0]  # the output is only "not a tensor" because chunk failed
+
+    with pytest.raises(ConversionError) as info:
+        from_torch(Ret().eval(), (2, 3, 3))
+    assert [p.node for p in info.value.problems] == ["chunk"]
+
+
+# ---------------------------------------------------------------------------- the registry
+class Negate(nn.Module):
+    """``torch.neg`` has no built-in rule: converting it needs a registered handler."""
+
+    def forward(self, x):
+        return torch.neg(x)
+
+
+def _negate_handler(ctx, node):
+    from linop.operators.structural import Scale
+
+    x = ctx.tensor(node, node.args[0])
+    return ctx.linear(node, x, Scale(x.shape, -1.0))
+
+
+class UsesNegate(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3)
+        self.neg = Negate()
+
+    def forward(self, x):
+        return F.relu(self.neg(self.conv(x)))
+
+
+def test_register_converter_for_a_custom_module():
+    torch.manual_seed(6)
+    m = UsesNegate().eval().double()
+    with pytest.raises(ConversionError, match=r"fx node 'neg'.*torch\.neg"):
+        from_torch(m, (2, 5, 5))  # traced through Negate.forward: torch.neg is unsupported
+    register_converter(Negate, _negate_handler)
+    try:
+        net = from_torch(m, (2, 5, 5))
+    finally:
+        unregister_converter(Negate)
+    # the registered module is one leaf: one node, named by the module path
+    node = net.node_for_module("neg")
+    assert node.source == "neg" and type(node.op).__name__ == "Scale"
+    x = torch.randn(3, 2, 5, 5, dtype=torch.float64)
+    with torch.no_grad():
+        assert rel(net(x), m(x)) <= RTOL64
+    with pytest.raises(ConversionError):
+        from_torch(m, (2, 5, 5))  # unregistered again
+
+
+def test_register_converter_for_a_function_and_a_method():
+    class Both(nn.Module):
+        def forward(self, x):
+            return torch.neg(x) + x.neg()
+
+    m = Both().eval()
+    register_converter(torch.neg, _negate_handler)
+    register_converter("neg", _negate_handler)
+    try:
+        net = from_torch(m, (2, 3, 3))
+    finally:
+        unregister_converter(torch.neg)
+        unregister_converter("neg")
+    x = torch.randn(2, 2, 3, 3, dtype=torch.float64)
+    assert rel(net(x), -2 * x) <= RTOL64
+
+
+def test_register_converter_decorator_and_errors():
+    import linop
+
+    assert linop.register_converter is register_converter
+
+    @register_converter(Negate)
+    def handler(ctx, node):
+        return _negate_handler(ctx, node)
+
+    try:
+        with pytest.raises(ValueError, match="already has a converter"):
+            register_converter(Negate, _negate_handler)
+        assert register_converter(Negate, _negate_handler, replace=True) is _negate_handler
+    finally:
+        unregister_converter(Negate)
+    with pytest.raises(KeyError, match="no converter"):
+        unregister_converter(Negate)
+    with pytest.raises(TypeError, match="target"):
+        register_converter(42, _negate_handler)
+    with pytest.raises(TypeError, match="nn.Module"):
+        register_converter(int, _negate_handler)
+    with pytest.raises(TypeError, match="handler"):
+        register_converter(Negate, "not callable")
+    with pytest.raises(ValueError, match="already has a converter"):
+        register_converter(nn.ReLU, _negate_handler)  # built-ins are protected too
+
+
+def test_subclasses_use_their_base_rule_unless_they_override_forward():
+    class MyReLU(nn.ReLU):
+        pass
+
+    class ShiftedReLU(nn.ReLU):
+        def forward(self, x):
+            return super().forward(x) - 1.0
+
+    m = nn.Sequential(nn.Conv2d(1, 2, 3), MyReLU(), nn.Conv2d(2, 2, 1), ShiftedReLU()).eval()
+    net = from_torch(m.double(), (1, 5, 5))
+    assert net.node_for_module("1").kind == "relu"  # MyReLU: the nn.ReLU rule, one leaf
+    x = torch.randn(2, 1, 5, 5, dtype=torch.float64)
+    with torch.no_grad():
+        assert rel(net(x), m(x)) <= RTOL64  # ShiftedReLU traced through: the -1 is kept
+
+
+# ---------------------------------------------------------------------------- the folding pass
+class FoldChain(nn.Module):
+    def __init__(self, bias=True, track=True):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, bias=bias)
+        self.bn = nn.BatchNorm2d(3, track_running_stats=track)
+        self.register_buffer("m", torch.tensor([4.0]))
+        self.side = nn.Conv2d(2, 3, 3)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x)) * 2.5 / self.m
+        s = self.side(x)
+        return F.relu(y + s) + s  # `side` has two consumers: nothing folds into it
+
+
+def test_fold_plan_bn_and_multipliers():
+    from linop.convert.fold import plan_folds
+    from linop.convert.trace import trace
+
+    m = randomise_bn(FoldChain()).eval().double()
+    gm = trace(m, (2, 5, 5), "FoldChain")
+    plan = plan_folds(gm)
+    (head,) = plan
+    fold = plan[head]
+    assert head.target == "conv" and [n.name for n in fold.chain] == ["bn", "mul", "truediv"]
+    assert fold.tail.name == "truediv"
+    # Eq. 7 then the two multipliers, composed in float64
+    W, b, has_bias = fold.apply(m.conv.weight, m.conv.bias)
+    g = m.bn.weight / torch.sqrt(m.bn.running_var + m.bn.eps)
+    want_W = m.conv.weight * (g * 2.5 / 4.0).reshape(-1, 1, 1, 1)
+    want_b = (g * (m.conv.bias - m.bn.running_mean) + m.bn.bias) * 2.5 / 4.0
+    # same formulas, different association order: a few ulps
+    assert torch.allclose(W, want_W.detach(), rtol=1e-14, atol=0) and has_bias
+    assert torch.allclose(b, want_b.detach(), rtol=1e-14, atol=1e-15)
+    # the folded network: one Conv LinearNode for conv+bn+mul+div, its bias after the div
+    net = from_torch(m, (2, 5, 5))
+    assert not any(type(getattr(n, "op", None)).__name__ == "Scale" for n in net.nodes)
+    assert net.own_bias("Conv0").name == "truediv"
+    x = torch.randn(2, 2, 5, 5, dtype=torch.float64)
+    with torch.no_grad():
+        assert rel(net(x), m(x)) <= RTOL64
+
+
+def test_fold_plan_multiplier_alone_adds_no_bias():
+    from linop.convert.fold import plan_folds
+    from linop.convert.trace import trace
+
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(2, 3, 3, bias=False)
+            self.m = nn.Parameter(torch.tensor([4.0]))
+
+        def forward(self, x):
+            return self.conv(x) * 2.5 / self.m[0]  # an index into a parameter is a constant
+
+    m = Scaled().eval()
+    fold = next(iter(plan_folds(trace(m, (2, 5, 5), "f")).values()))
+    assert [n.name for n in fold.chain] == ["mul", "truediv"]
+    W, b, has_bias = fold.apply(m.conv.weight, None)
+    assert not has_bias and torch.equal(b, torch.zeros(3, dtype=torch.float64))
+    assert torch.equal(W, m.conv.weight.double() * 2.5 / 4.0)  # a power-of-two ratio: exact
+
+
+def test_bn_without_running_stats_is_not_folded():
+    from linop.convert.fold import plan_folds
+    from linop.convert.trace import trace
+
+    m = FoldChain(track=False).eval()
+    assert plan_folds(trace(m, (2, 5, 5), "f")) == {}
+    with pytest.raises(ConversionError, match=r"fx node 'bn'.*running statistics"):
+        from_torch(m, (2, 5, 5))

@@ -134,3 +134,19 @@ def test_types_devices_dtypes_and_1d():
 def test_bad_input_raises(a, y, norm, msg):
     with pytest.raises(ValueError, match=msg):
         embed(a, np.asarray(y), norm)
+
+
+def test_onehot_embedding_is_the_ablation_code():
+    """embed(..., "onehot"): the one-hot code of y (seed 001 §4.2), same type / shape rule as NE/MA."""
+    from linop.reverse import EMBEDDINGS
+
+    assert EMBEDDINGS == ("ne", "ma", "onehot")
+    a = np.array([[0.3, -1.0, 2.0], [5.0, 4.0, 4.5]])
+    out = embed(a, np.array([1, 0]), "onehot")
+    assert isinstance(out, np.ndarray) and out.dtype == a.dtype
+    np.testing.assert_array_equal(out, [[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    t = embed(torch.tensor(a[0], dtype=torch.float32), 2, "onehot")
+    assert isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.shape == (3,)
+    np.testing.assert_array_equal(t.numpy(), [0.0, 0.0, 1.0])
+    with pytest.raises(ValueError, match="onehot"):
+        embed(a, np.array([1, 0]), "one-hot")

@@ -56,12 +56,15 @@ def test_fft_exact_equals_dense_pinv(cin, cout, H, W, k):
     aw = np.asarray(res.a).reshape(3, -1) @ A.T
     if cout <= cin:
         # MDP (A has full row rank here): the constraint holds to rounding (eps·cond ≈ 1e-13)
-        assert res.case == "MDP" and res.info["case_from"] == "capacitance"
+        # the case is W's (its numerical rank, the same for every method); the capacitance
+        # factorisation's own channel-rule case agrees here
+        assert res.case == "MDP" and res.info["case_from"] == "rank" and res.info["exact_case"] == "MDP"
         assert np.max(res.residual) <= 1e-10
         assert np.max(np.linalg.norm(aw - r, axis=1) / np.linalg.norm(r, axis=1)) <= 1e-10
     else:
         # CCP: normal equations Wᵀ(W a + b − z*) = 0, relative to ‖W‖·‖z* − b‖ (backward-stable scale)
-        assert res.case == "CCP"
+        # W's case as every method reports it (a square W of full rank is "MDP", the constraint holds)
+        assert res.info["exact_case"] == "CCP" and res.case == solve(op, z, a, b=b, method="dense").case
         ne = (aw - r) @ A
         assert np.max(np.linalg.norm(ne, axis=1) / (np.linalg.norm(A, 2) * np.linalg.norm(r, axis=1))) <= 1e-12
 
@@ -108,7 +111,7 @@ def test_channel_rule_disagrees_with_shape_falls_back_exactly():
     res = solve(op, z, a, b=b, method="fft-exact")
     assert res.info["tikhonov_lambda"] > 0 and res.info["converged_all"]
     assert rel(res.a, ref, a) <= 1e-9  # ~eps·cond(capacitance) ≈ 1e-16·1.5e7, measured 1e-10
-    assert res.case == "MDP" and res.info["case_from"] == "shape"
+    assert res.case == "MDP" and res.info["case_from"] == "rank"  # W is wide and of full row rank
 
 
 def test_prebuilt_solver_is_reused_and_checked():
@@ -130,24 +133,40 @@ def test_memory_refusal_names_size_and_alternative():
         solve(op, z, a, method="fft-exact", max_bytes=10_000)
 
 
-def test_refuses_padded_and_strided_convs():
+def test_refuses_strided_convs():
     rng = np.random.default_rng(0)
     w = torch.tensor(rng.standard_normal((2, 3, 3, 3)))
-    for kw in ({"padding": 1}, {"stride": 2}):
-        op = Conv2d(w, (3, 8, 8), **kw)
-        with pytest.raises(NotImplementedError, match="padding" if "padding" in kw else "stride"):
-            solve(op, rng.standard_normal((1,) + op.out_shape), rng.standard_normal((1, 3, 8, 8)), method="fft-exact")
+    op = Conv2d(w, (3, 8, 8), stride=2)
+    with pytest.raises(NotImplementedError, match="stride"):
+        solve(op, rng.standard_normal((1,) + op.out_shape), rng.standard_normal((1, 3, 8, 8)), method="fft-exact")
 
 
-def test_auto_prefers_fft_exact_and_dense_for_padded_layers():
+@pytest.mark.parametrize("c_out, c_in, padding", [(3, 5, 1), (5, 3, "same"), (4, 4, (0, 2, 1, 0))])
+def test_fft_exact_routes_padded_convs_to_the_exact_padded_solver(c_out, c_in, padding):
+    """Padded stride-1 convs: fft-exact (PaddedConvSolver) == the dense pseudo-inverse answer of the
+    same explicit conv matrix. 1e-10: both are direct solves of conditioning ~1e2 in float64."""
+    rng = np.random.default_rng(c_out * 10 + c_in)
+    op = Conv2d(torch.tensor(rng.standard_normal((c_out, c_in, 3, 3))), (c_in, 7, 6), padding=padding)
+    a = rng.standard_normal((2, op.shape[1]))
+    z = rng.standard_normal((2, op.shape[0]))
+    fe, de = solve(op, z, a, method="fft-exact"), solve(op, z, a, method="dense")
+    assert fe.method == "fft-exact" and fe.info["algorithm"]
+    assert fe.case == de.case
+    assert np.abs(np.asarray(fe.a) - np.asarray(de.a)).max() <= 1e-10 * np.abs(np.asarray(de.a)).max()
+
+
+def test_auto_prefers_fft_exact_for_stride1_and_dense_for_strided_layers():
     rng = np.random.default_rng(3)
     op = Conv2d(torch.tensor(rng.standard_normal((8, 16, 3, 3))), (16, 32, 32))  # dense ≈ 2.5 GiB
-    assert ls._auto(op, op.shape, ls.DEFAULT_MAX_BYTES) == "fft-exact"
-    assert ls._auto(op, op.shape, 2**20) == "fft-pcg"  # capacitance (992² · 8 B) over a 1 MiB budget
-    # ResNet20's 96→96 'same' conv on 8×8: no FFT path; the dense factorisation (n = 6144) fits
+    assert ls.auto_method(op, ls.DEFAULT_MAX_BYTES) == "fft-exact"
+    assert ls.auto_method(op, 2**20) == "fft-pcg"  # capacitance (992² · 8 B) over a 1 MiB budget
+    # ResNet20's 96→96 'same' conv on 8×8: the padded FFT + capacitance path (m = 3,264) fits
     same = Conv2d(torch.tensor(rng.standard_normal((96, 96, 3, 3))), (96, 8, 8), padding=1)
-    assert ls._auto(same, same.shape, ls.DEFAULT_MAX_BYTES) == "dense"
-    assert ls._auto(same, same.shape, 2**28) == "cg"
+    assert ls.auto_method(same, ls.DEFAULT_MAX_BYTES) == "fft-exact"
+    # a stride-2 conv (no FFT path yet): the dense factorisation while it fits (n_out = 1,536), else CG
+    strided = Conv2d(torch.tensor(rng.standard_normal((96, 32, 3, 3))), (32, 8, 8), padding=1, stride=2)
+    assert ls.auto_method(strided, ls.DEFAULT_MAX_BYTES) == "dense"
+    assert ls.auto_method(strided, 2**20) == "cg"
 
 
 @pytest.mark.gpu

@@ -16,7 +16,7 @@ from torch import nn
 
 from linop.convert import from_torch
 from linop.network import InputNode
-from linop.linearize.jacobian import linearise
+from linop.linearize import linearise
 from linop.utils import parse_memory
 
 RTOL = 1e-10
@@ -97,33 +97,41 @@ def _net(module, shape, seed=0):
     return from_torch(_perturb_bn(module, seed), shape, torch.float64)
 
 
+def reference_net(name: str, shape, seed: int):
+    """A reference model ("vgg7", "resnet20", "fixup") as a float64 equivalent network with
+    randomised BN statistics (and non-trivial Fixup scalars), so every bias is non-zero."""
+    torch.manual_seed(seed)
+    if name == "vgg7":
+        from models.vgg7 import vgg7
+
+        return _net(vgg7(), shape, seed=seed)
+    if name == "resnet20":
+        from models.resnet20 import resnet20
+
+        return _net(resnet20(), shape, seed=seed)
+    from models.fixup_resnet20 import fixup_resnet20
+
+    m = fixup_resnet20(zero_init=False)
+    g = torch.Generator().manual_seed(seed + 1)
+    for pname, p in m.named_parameters():
+        if p.numel() == 1:  # Fixup scalar biases / multipliers: make them non-trivial
+            p.data.copy_(0.1 * torch.randn(1, generator=g) + (1.0 if "scale" in pname else 0.0))
+    return _net(m, shape, seed=seed)
+
+
 @pytest.fixture(scope="module")
 def vgg():
-    from models.vgg7 import vgg7
-
-    torch.manual_seed(0)
-    return _net(vgg7(), (3, 12, 12))
+    return reference_net("vgg7", (3, 12, 12), 0)
 
 
 @pytest.fixture(scope="module")
 def resnet():
-    from models.resnet20 import resnet20
-
-    torch.manual_seed(1)
-    return _net(resnet20(), (3, 8, 8), seed=1)
+    return reference_net("resnet20", (3, 8, 8), 1)
 
 
 @pytest.fixture(scope="module")
 def fixup():
-    from models.fixup_resnet20 import fixup_resnet20
-
-    torch.manual_seed(2)
-    m = fixup_resnet20(zero_init=False)
-    g = torch.Generator().manual_seed(3)
-    for name, p in m.named_parameters():
-        if p.numel() == 1:  # Fixup scalar biases / multipliers: make them non-trivial
-            p.data.copy_(0.1 * torch.randn(1, generator=g) + (1.0 if "scale" in name else 0.0))
-    return _net(m, (3, 8, 8), seed=2)
+    return reference_net("fixup", (3, 8, 8), 2)
 
 
 def _x(net, seed=0):
@@ -270,10 +278,7 @@ def test_bad_arguments(vgg):
 
 @pytest.fixture(scope="module")
 def vgg20():
-    from models.vgg7 import vgg7
-
-    torch.manual_seed(4)
-    return _net(vgg7(), (3, 20, 20), seed=4)
+    return reference_net("vgg7", (3, 20, 20), 4)
 
 
 def test_schedules_give_identical_jacobians(vgg20, resnet):

@@ -29,10 +29,13 @@ from linop.operators import (
     BiasRestriction,
     Chain,
     ChannelPad,
+    Concat,
     Conv2d,
     Diagonal,
     Flatten,
     GlobalAvgPool2d,
+    GraphOperator,
+    HStack,
     Identity,
     LeakyReLUMask,
     Linear,
@@ -43,6 +46,7 @@ from linop.operators import (
     ReLUMask,
     Scale,
     SigmoidDerivative,
+    Slice,
     Subsample,
     Sum,
     TanhDerivative,
@@ -517,7 +521,21 @@ def _all_ops():
         ChannelPad((3, 6, 6), 1, 2), Subsample((3, 6, 6)), Flatten((3, 6, 6)), Identity((3, 6, 6)),
         Scale((3, 6, 6), [1.0, 2.0, 3.0]),
         VStack([c, c]), Sum([c, c]), Chain([c, Flatten(c.out_shape)]),
+        Slice(10, 2, 7), HStack([c, Diagonal(torch.randn(c.out_shape, generator=g, dtype=torch.float64))]),
+        Concat([(2, 3, 3), (4, 3, 3)]), Concat([(3, 2, 4), (3, 2, 1)], axis=2),
+        _diamond(c, x),
     ]
+
+
+def _diamond(c, x):
+    """A small DAG: y = relu-mask(c x) + c x, concatenated with c x, plus R x_b."""
+    m = ReLUMask(c.apply(x[None])[0])
+    return GraphOperator(
+        [(3, 6, 6), (4,)],
+        [([0], c), ([2], m), ([3, 2], HStack([Identity(c.out_shape), Identity(c.out_shape)])),
+         ([4, 2], Concat([c.out_shape, c.out_shape])),
+         ([5, 1], HStack([Identity((8,) + c.out_shape[1:]), BiasRestriction((8,) + c.out_shape[1:], bias_size=4,
+                                                                             offset=0, mode="scalar")]))])
 
 
 @pytest.mark.parametrize("op", _all_ops(), ids=lambda op: type(op).__name__)
@@ -645,3 +663,35 @@ def test_gpu_inputs_give_gpu_outputs():
         assert (Ag.get() != A).nnz == 0
         Xc = cp.asarray(np.random.default_rng(2).standard_normal((op.shape[1], 2)))
         assert isinstance(op.matmat(Xc), cp.ndarray)
+
+
+def test_composite_block_rows_and_graph():
+    """HStack / Concat part-wise evaluation equals the stacked form; a GraphOperator equals
+    its hand-written composition, and its CSR is that of the Chain/Sum/VStack tree."""
+    g = torch.Generator().manual_seed(7)
+    a, b = torch.randn(2, 2, 3, 3, generator=g, dtype=torch.float64), torch.randn(2, 4, 3, 3, generator=g, dtype=torch.float64)
+    cat = Concat([(2, 3, 3), (4, 3, 3)])
+    assert torch.equal(cat.apply_parts([a, b]), torch.cat([a, b], 1))
+    assert torch.equal(cat.apply(torch.cat([a.reshape(2, -1), b.reshape(2, -1)], 1)), torch.cat([a, b], 1))
+    assert np.array_equal(cat.to_sparse().toarray(), np.eye(54))  # channel concatenation in C order
+    c = Conv2d(torch.randn(3, 2, 3, 3, generator=g, dtype=torch.float64), (2, 5, 5), padding=1)
+    d = Conv2d(torch.randn(3, 3, 1, 1, generator=g, dtype=torch.float64), (3, 5, 5))
+    # y = d(c x) + c x as a DAG (c evaluated once) and as a tree (Sum of Chains)
+    G = GraphOperator([(2, 5, 5)], [([0], c), ([1], d), ([2, 1], HStack([Identity((3, 5, 5))] * 2))])
+    T = Sum([Chain([c, d]), c])
+    X = torch.randn(4, 50, generator=g, dtype=torch.float64)
+    _close(G.apply(X), T.apply(X.reshape(4, 2, 5, 5)), T.apply(X.abs().reshape(4, 2, 5, 5)).abs() + 1, RTOL64, "DAG")
+    _close(G.to_sparse().toarray(), T.to_sparse().toarray(), abs(T.to_sparse()).toarray() + 1, RTOL64, "DAG CSR")
+    with pytest.raises(ValueError, match="earlier entries"):
+        GraphOperator([(2, 5, 5)], [([1], c)])
+
+
+def test_masks_follow_the_single_sample_batch_rule():
+    """One sample, with or without a batch axis of 1 when the shape is known; never silently."""
+    x = torch.randn(1, 3, 4, 4, dtype=torch.float64)
+    assert ReLUMask(x, shape=(3, 4, 4)).in_shape == (3, 4, 4) == MaxPool2d(x, 2).in_shape
+    assert ReLUMask(x).in_shape == (1, 3, 4, 4)  # no shape given: x's own shape is the sample's
+    with pytest.raises(ValueError, match="x must have shape"):
+        LeakyReLUMask(torch.zeros(2, 3, 4, 4), 0.1, shape=(3, 4, 4))
+    with pytest.raises(ValueError, match="one sample"):
+        MaxPool2d(torch.zeros(2, 3, 4, 4), 2)

@@ -8,20 +8,22 @@ import math
 import pytest
 import torch
 
-from models.baselines import KConvMFC, conv2_fc1
-from models.fr_loss import fr_pt_loss, rec_loss_for_embedding
-from models.posttrain import (
-    add_arguments,
+from linop.cli.posttrain import add_arguments
+from linop.studies.posttrain import (
+    compare_methods,
     default_pairs,
+    fr_pt_loss,
     model_blocks,
     output_target,
     parse_pair,
     posttrain_run,
     posttrain_study,
+    rec_loss_for_embedding,
     reconstruct_features,
     trainable_parameter_count,
     training_memory,
 )
+from models.baselines import KConvMFC, conv2_fc1
 
 torch.set_num_threads(1)
 
@@ -336,8 +338,6 @@ def test_default_reconstructor_meets_the_mdp_constraint():
 
 
 def test_compare_methods_mean_difference():
-    from models.posttrain import compare_methods
-
     def rec(method, run, acc):
         return {"method": method, "embedding": "ne" if method == "FR" else "-", "l_S": 1, "l_R": 2,
                 "run": run, "test_acc": [acc]}

@@ -230,3 +230,87 @@ def test_cg_and_dense_on_cupy():
     Wg = op.to_sparse(gpu=True)
     res = solve(Wg, zg.reshape(4, -1), ag.reshape(4, -1), method="cg")
     np.testing.assert_allclose(backend.to_numpy(res.a).reshape(a.shape), ref, rtol=0, atol=1e-8)
+
+
+def test_register_method_is_used_by_solve():
+    """A user method (here: the normal equations of the second kind, dense) is dispatched to,
+    listed in METHODS, and its result goes through the same result building."""
+    from linop.solvers import METHODS, register_method
+    from linop.solvers.registry import _REGISTRY
+
+    calls = []
+
+    def normal_equations(prob, opts):
+        calls.append(opts.extra.pop("marker", None))
+        Wd = torch.as_tensor(prob.op.to_sparse(dtype=np.float64).toarray()).to(prob.a_hat)
+        y = torch.linalg.solve(Wd @ Wd.T, prob.rhs().T)
+        return prob.a_hat + (Wd.T @ y).T, {"tol": None, "algorithm": "W Wᵀ y = r"}
+
+    def only_wide(op):
+        if op.shape[0] > op.shape[1]:
+            raise ValueError("toy method: W must be wide")
+
+    register_method("toy-ne", normal_equations, applicable=only_wide, summary="test")
+    try:
+        assert "toy-ne" in METHODS and METHODS[-1] == "toy-ne"
+        with pytest.raises(ValueError, match="already registered"):
+            register_method("toy-ne", normal_equations)
+        rng = np.random.default_rng(11)
+        W = rng.standard_normal((4, 9))
+        a, z = rng.standard_normal((3, 9)), rng.standard_normal((3, 4))
+        res = solve(W, z, a, method="toy-ne", marker=1)
+        assert calls == [1] and res.method == "toy-ne" and res.case == "MDP"
+        # cond(W) ~ 3 for a random 4x9 Gaussian: the normal equations lose ~eps·cond², 1e-12 is ample
+        np.testing.assert_allclose(res.a, pinv_solution(W, z, a), rtol=0, atol=1e-12)
+        with pytest.raises(ValueError, match="wide"):
+            solve(W.T.copy(), a, z, method="toy-ne")
+    finally:
+        del _REGISTRY["toy-ne"]
+    assert "toy-ne" not in METHODS
+    with pytest.raises(ValueError, match="auto"):
+        register_method("auto", normal_equations)
+
+
+@pytest.mark.parametrize("kind", ["row", "col", "deficient", "square"])
+def test_every_method_reports_the_same_case_for_the_same_W(kind):
+    """The case is a property of W (shape and numerical rank), not of the method that ran."""
+    rng = np.random.default_rng(12)
+    m, n, rank = {"row": (5, 9, 5), "col": (9, 5, 5), "deficient": (6, 8, 3), "square": (6, 6, 6)}[kind]
+    W = matrix_with_spectrum(rng, m, n, rank)
+    a, z = rng.standard_normal((2, n)), rng.standard_normal((2, m))
+    expect = {"row": "MDP", "col": "CCP", "deficient": "rank-deficient", "square": "MDP"}[kind]
+    for method in ("dense", "lsmr", "lsqr", "cg"):
+        res = solve(W, z, a, method=method)
+        assert (res.case, res.info["case_from"]) == (expect, "rank"), method
+    if kind == "row":  # beyond the rank probe's budget every method falls back to the same shape rule
+        for method in ("cg", "lsmr"):
+            res = solve(W, z, a, method=method, max_bytes=10)
+            assert (res.case, res.info["case_from"]) == ("MDP", "shape"), method
+
+
+def test_rank_deficient_conv_is_labelled_alike_by_exact_and_fft_methods():
+    """A single-tap kernel never reads part of the input: W is rank-deficient, whatever runs."""
+    rng = np.random.default_rng(14)
+    w = np.zeros((3, 2, 3, 3))
+    w[:, :, 1, 1] = rng.standard_normal((3, 2))
+    op = Conv2d(torch.tensor(w), (2, 6, 6))
+    a, z = rng.standard_normal((2, 2, 6, 6)), rng.standard_normal((2, 3, 4, 4))
+    cases = {m: solve(op, z, a, method=m, maxiter=20).case for m in ("dense", "lsmr", "cg", "fft", "fft-exact")}
+    assert set(cases.values()) == {"rank-deficient"}, cases
+
+
+def test_one_sample_in_one_sample_out():
+    """The return rule: a single 1-D (or per-sample-shaped) input gives a single output."""
+    rng = np.random.default_rng(13)
+    W = rng.standard_normal((4, 7))
+    a, z = rng.standard_normal(7), rng.standard_normal(4)
+    res = solve(W, z, a, method="dense")
+    assert res.a.shape == (7,) and res.residual.shape == (1,)
+    np.testing.assert_array_equal(res.a, solve(W, z[None], a[None], method="dense").a[0])
+    rt = solve(torch.tensor(W), torch.tensor(z), torch.tensor(a), method="cg")
+    assert isinstance(rt.a, torch.Tensor) and rt.a.shape == (7,)
+    op = Conv2d(torch.tensor(rng.standard_normal((2, 3, 3, 3))), (3, 6, 6))
+    r4 = solve(op, rng.standard_normal(op.out_shape), rng.standard_normal(op.in_shape), method="lsmr")
+    assert r4.a.shape == op.in_shape
+    with pytest.raises(TypeError, match="W must be"):
+        solve([[1.0]], z, a)

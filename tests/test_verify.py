@@ -1,8 +1,9 @@
 """Tests of the verification study (seed 000 §4.2-4.3, Eq. 16) and its reports.
 
 Most tests isolate the study's own bookkeeping (ε, aggregation, caching, figures, CLI) by
-replacing ``linop.backmap`` with an independent stand-in: ĉ = J [x; x_b] with J from torch
-autograd at the scaled point k·[x; x_b].  ``test_end_to_end_real_backmap`` runs the real
+replacing the back-map the study calls (``linop.hypersurface.reconstructed_activations``)
+with an independent stand-in: ĉ = J [x; x_b] with J from torch autograd at the scaled point
+k·[x; x_b].  ``test_end_to_end_real_backmap`` runs the real
 ``linop.backmap`` on a random piecewise-linear model.
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ import pytest
 import torch
 from torch import nn
 
+from linop import hypersurface
 from linop.studies import report as R
 
 # the module itself: the package attribute ``linop.verify`` is the function
@@ -78,7 +80,7 @@ class StandIn:
 @pytest.fixture
 def standin(monkeypatch):
     s = StandIn()
-    monkeypatch.setattr(V, "_reconstruct", s)
+    monkeypatch.setattr(hypersurface, "reconstructed_activations", s)
     return s
 
 
@@ -244,13 +246,13 @@ def test_interrupted_run_keeps_finished_images(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return inner(*a, **k)
 
-    monkeypatch.setattr(V, "_reconstruct", flaky)
+    monkeypatch.setattr(hypersurface, "reconstructed_activations", flaky)
     with pytest.raises(KeyboardInterrupt):
         V.verify(net, x, out_dir=tmp_path, progress=False, figures=False)
     idx = json.loads((tmp_path / "index.json").read_text())
     assert set(idx["entries"]["float32"]) == {"0"}  # image 0 complete and indexed
     inner.calls = 0
-    monkeypatch.setattr(V, "_reconstruct", inner)
+    monkeypatch.setattr(hypersurface, "reconstructed_activations", inner)
     rep = V.verify(net, x, out_dir=tmp_path, progress=False, figures=False)
     assert rep.cached == 3 and inner.calls == 3  # image 0 both dtypes + image 1 float32 reused
 
@@ -299,7 +301,7 @@ def test_bad_input_raises_early(tmp_path, standin):
         V.verify(net, x, memory_budget="lots", **kw)
     with pytest.raises(ValueError, match=r"shape \(N, 1, 4, 4\)"):
         V.verify(net, torch.zeros(2, 1, 5, 5), **kw)
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(TypeError, match="model must be"):  # checkpoints are loaded by the CLI
         V.verify(str(tmp_path / "missing.pt"), x, **kw)
     from linop.convert import from_torch
 

@@ -4,7 +4,9 @@ Seed 000 (§3.2, Fig. 2, Eq. 7) rewrites a trained CNN as an *equivalent model*:
 folded into the convolutions, Fixup multipliers folded into the weights, and every bias
 moved into one extra input vector ``x_b`` that each layer reads its slice of through a
 restriction operator ``R_l``.  This module holds that data model; ``linop.convert``
-builds it from a torch module (``from_torch``), ``linop.jacobian`` linearises it.
+builds it from a torch module (``from_torch``), ``linop.linearize`` linearises it.  Each
+node kind is one class that owns its rules (:mod:`linop.network.node` documents the
+protocol); the engines here loop over nodes and never branch on their type.
 
 Node kinds (all act on batched tensors ``(N, *shape)``):
 
@@ -23,15 +25,20 @@ Node kinds (all act on batched tensors ``(N, *shape)``):
 from __future__ import annotations
 
 import copy
+from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..operators.base import Operator, torch_dtype
-from .reverse import ReverseOptions, StepReport
+from .activation import PIECEWISE_LINEAR, ActivationNode
+from .geometry import Window, window_of
+from .linear import BiasNode, LinearNode
+from .merge import AddNode, CatNode
+from .node import InputNode, Node, image_shape
+from .pool import MaxPoolNode
 
 __all__ = [
     "Node",
@@ -45,291 +52,6 @@ __all__ = [
     "EquivalentNetwork",
     "PIECEWISE_LINEAR",
 ]
-
-PIECEWISE_LINEAR = {"relu", "leaky_relu", "prelu", "identity"}
-
-
-@dataclass
-class Node:
-    """A node of the equivalent network.  ``inputs`` are names of earlier nodes."""
-
-    name: str
-    inputs: tuple[str, ...]
-    out_shape: tuple[int, ...]
-    source: str = ""  # where it came from in the torch model (module path / fx node), for messages
-
-    def forward(self, xs: Sequence[torch.Tensor], x_b: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def reverse(self, z_star: torch.Tensor, z_hat: torch.Tensor, a_hats: Sequence[torch.Tensor],
-                x_b: torch.Tensor, options: ReverseOptions) -> tuple[list[torch.Tensor], StepReport]:
-        """Seed 001 §3: map the target ``z_star`` of this node's output (forward value ``z_hat``,
-        inputs ``a_hats``) back to one target per input; returns ``(targets, report)``."""
-        raise NotImplementedError(f"no reverse step for node {self.name!r} of type {type(self).__name__}")
-
-    def _report(self) -> StepReport:
-        return StepReport(self.name, type(self).__name__)
-
-
-@dataclass
-class InputNode(Node):
-    def forward(self, xs, x_b):
-        return xs[0]
-
-
-@dataclass
-class LinearNode(Node):
-    op: Operator | None = None
-    unit_layer: str | None = None  # "Conv0" … / "FC" when this is a unit layer's pre-bias output
-    _pattern: Any = field(default=None, init=False, repr=False, compare=False)
-
-    def forward(self, xs, x_b):
-        return self.op.apply(xs[0])
-
-    @property
-    def structural_pattern(self) -> Any:
-        """The closed-form pseudo-inverse pattern of an operator with at most one non-zero per
-        row and column (flatten, channel pad, subsample, scale, identity, diagonal, average
-        pooling), or None — computed once per node.  Only those families are examined, so a
-        convolution's or dense layer's matrix is never assembled for it."""
-        if self._pattern is None:
-            from ..operators import AvgPool2d, ChannelPad, Diagonal, Flatten, Identity, Scale, Subsample
-            from ..reverse.steps import structural_pinv
-
-            kinds = (Flatten, ChannelPad, Subsample, Scale, Identity, Diagonal, AvgPool2d)
-            self._pattern = (structural_pinv(self.op) if isinstance(self.op, kinds) else None,)
-        return self._pattern[0]
-
-    def reverse(self, z_star, z_hat, a_hats, x_b, options):
-        """Minimum-norm correction ``a* = â + W⁺(z* − W â)`` (MDP Eqs. 4–6 / CCP Eq. 7);
-        one-non-zero-per-row-and-column operators by their closed form, average pooling with
-        stride = kernel copied back (§3.4(b)) unless ``options.avgpool == "exact"``."""
-        from ..operators import AvgPool2d
-        from ..reverse import steps
-
-        report = self._report()
-        a_hat, op = a_hats[0], self.op
-        N = z_star.shape[0]
-        changed = ((z_star != z_hat).reshape(N, -1).any(1) if options.keep_unchanged
-                   else torch.ones(N, dtype=torch.bool, device=z_star.device))
-        report.n_solved = int(changed.sum())
-        if not bool(changed.any()):
-            report.case, report.method = "unchanged", "none"
-            return [a_hat.clone()], report
-        pattern = self.structural_pattern
-        a = None
-        if pattern is not None:
-            a, report.case = steps.structural_step(pattern, op.shape, z_star, a_hat)
-            report.method = "structural"
-        elif (options.avgpool == "copy" and isinstance(op, AvgPool2d) and not op.ceil_mode
-              and op.divisor_override is None):
-            try:
-                a = steps.unpool_avg(z_star, op.kernel_size, op.in_shape, mode="copy", a_hat=a_hat,
-                                     stride=op.stride, padding=op.padding,
-                                     p_hat=z_hat if options.keep_unchanged else None)
-                report.case, report.method = "MDP", "copy"
-            except NotImplementedError:
-                a = None
-        if a is None:
-            return [self._solve(z_star, a_hat, changed, options, report)], report
-        if options.keep_unchanged:
-            a = torch.where(changed.reshape((N,) + (1,) * (a.dim() - 1)), a, a_hat)
-        return [a], report
-
-    def _solve(self, z_star, a_hat, changed, options, report) -> torch.Tensor:
-        from ..solvers import solve
-        from ..solvers.fft import conv_spec
-
-        idx = changed.nonzero().flatten()
-        sub_a, sub_z = a_hat[idx], z_star[idx]
-        method, fallback = options.solver, None
-        if method in ("fft", "fft-pcg", "fft-exact"):
-            try:  # the FFT path covers stride-1 unpadded convs only (seed 001 §3.2)
-                conv_spec(self.op)
-            except (ValueError, NotImplementedError) as exc:
-                method, fallback = "auto", f"{options.solver} not applicable ({exc}); used auto"
-        res = solve(self.op, sub_z, sub_a, method=method, tol=options.tol, maxiter=options.maxiter)
-        a = a_hat.clone()
-        a[idx] = torch.as_tensor(res.a).to(device=a.device, dtype=a.dtype).reshape(sub_a.shape)
-        report.case, report.method, report.solve_info = res.case, res.method, dict(res.info)
-        if fallback:
-            report.solve_info["fallback"] = fallback
-        return a
-
-
-@dataclass
-class BiasNode(Node):
-    """``y = x + R x_b[bias_slice]``; ``restriction`` maps the slice to ``out_shape``."""
-
-    bias_name: str = ""
-    bias_slice: slice = field(default_factory=lambda: slice(0, 0))
-    restriction: Operator | None = None
-    unit_layer: str | None = None  # set when this is the own bias of a unit layer
-
-    def bias_term(self, x_b: torch.Tensor) -> torch.Tensor:
-        """``R x_b[slice]`` as a tensor of shape ``(1, *out_shape)``."""
-        return self.restriction.apply(x_b[self.bias_slice].reshape(1, -1))
-
-    def forward(self, xs, x_b):
-        return xs[0] + self.bias_term(x_b)
-
-    def reverse(self, z_star, z_hat, a_hats, x_b, options):
-        """``c* = z* − R b``."""
-        from ..reverse import steps
-
-        report = self._report()
-        report.method = "subtract"
-        c = steps.subtract_bias(z_star, self.bias_term(x_b), z_hat=z_hat, c_hat=a_hats[0],
-                                keep_unchanged=options.keep_unchanged)
-        return [c], report
-
-
-@dataclass
-class ActivationNode(Node):
-    """Elementwise activation.  ``kind`` in relu, leaky_relu, prelu, tanh, sigmoid, identity.
-
-    ``negative_slope``: float (leaky_relu) or a per-channel tensor (prelu).
-    """
-
-    kind: str = "relu"
-    negative_slope: Any = 0.0
-
-    @property
-    def piecewise_linear(self) -> bool:
-        return self.kind in PIECEWISE_LINEAR
-
-    def _slope_tensor(self, like: torch.Tensor) -> torch.Tensor:
-        g = self.negative_slope
-        if isinstance(g, torch.Tensor):
-            g = g.to(device=like.device, dtype=like.dtype)
-            if g.numel() > 1:  # per-channel PReLU
-                g = g.reshape((1, -1) + (1,) * (like.dim() - 2))
-        return g
-
-    def forward(self, xs, x_b):
-        x = xs[0]
-        if self.kind == "relu":
-            return torch.relu(x)
-        if self.kind in ("leaky_relu", "prelu"):
-            return torch.where(x >= 0, x, x * self._slope_tensor(x))
-        if self.kind == "tanh":
-            return torch.tanh(x)
-        if self.kind == "sigmoid":
-            return torch.sigmoid(x)
-        if self.kind == "identity":
-            return x
-        raise ValueError(f"unknown activation kind {self.kind!r} at node {self.name}")
-
-    def slopes(self, x: torch.Tensor) -> torch.Tensor:
-        """Diagonal of dσ/dc at pre-activation ``x`` (Σ of seed 000 appendix C).
-
-        At c = 0 exactly the slope of the *negative* side is used (0 for ReLU, γ for
-        LeakyReLU/PReLU), torch autograd's convention (its backward tests ``c > 0``) and
-        that of ``linop.operators.elementwise``; the exact identity holds either way because
-        the unit's value is 0 there."""
-        if self.kind == "relu":
-            return (x > 0).to(x.dtype)
-        if self.kind in ("leaky_relu", "prelu"):
-            one = torch.ones_like(x)
-            return torch.where(x > 0, one, one * self._slope_tensor(x))
-        if self.kind == "tanh":
-            return 1 - torch.tanh(x) ** 2
-        if self.kind == "sigmoid":
-            s = torch.sigmoid(x)
-            return s * (1 - s)
-        if self.kind == "identity":
-            return torch.ones_like(x)
-        raise ValueError(f"unknown activation kind {self.kind!r} at node {self.name}")
-
-    def reverse(self, z_star, z_hat, a_hats, x_b, options):
-        """Inverse activation (seed 001 §3.4(a)); clipped entries are counted in the report."""
-        from ..reverse import steps
-
-        report = self._report()
-        z, clipped = steps.inverse_activation(
-            z_star, self.kind, self.negative_slope, clip_margin=options.clip_margin, relu=options.relu,
-            a_hat=z_hat, z_hat=a_hats[0], keep_unchanged=options.keep_unchanged, return_clipped=True,
-        )
-        report.method = f"inverse {self.kind}" + (f" ({options.relu})" if self.kind == "relu" else "")
-        report.n_clipped = clipped.cpu().numpy()
-        return [z], report
-
-
-@dataclass
-class MaxPoolNode(Node):
-    kernel_size: tuple[int, int] = (2, 2)
-    stride: tuple[int, int] = (2, 2)
-    padding: tuple[int, int] = (0, 0)
-    dilation: tuple[int, int] = (1, 1)
-    ceil_mode: bool = False
-
-    def forward(self, xs, x_b):
-        return F.max_pool2d(xs[0], self.kernel_size, self.stride, self.padding, self.dilation,
-                            ceil_mode=self.ceil_mode)
-
-    def argmax(self, x: torch.Tensor) -> torch.Tensor:
-        """Flat per-sample input index selected for every output (N, *out_shape)."""
-        _, idx = F.max_pool2d(
-            x, self.kernel_size, self.stride, self.padding, self.dilation,
-            ceil_mode=self.ceil_mode, return_indices=True,
-        )
-        # torch returns indices within each (H, W) plane; make them flat over (C, H, W).
-        C, H, W = x.shape[1:]
-        offs = (torch.arange(C, device=x.device) * (H * W)).reshape(1, C, 1, 1)
-        return idx + offs
-
-    def reverse(self, z_star, z_hat, a_hats, x_b, options):
-        """Copy back into the pooling window (seed 001 §3.4(b)), or argmax / nearest."""
-        from ..operators.conv import pair
-        from ..reverse import steps
-
-        in_shape = tuple(a_hats[0].shape[1:])
-        H, W = in_shape[1:]
-        k = pair(self.kernel_size, "kernel_size")
-        if self.ceil_mode and (H % k[0] or W % k[1]):
-            raise NotImplementedError(
-                f"max pooling {self.name!r} uses ceil_mode with partial windows ({H}x{W} by {k}); "
-                f"the copy-back reverse step of seed 001 §3.4(b) covers full windows only"
-            )
-        report = self._report()
-        report.method = options.maxpool
-        a = steps.unpool_max(
-            z_star, self.kernel_size, in_shape, mode=options.maxpool, a_hat=a_hats[0], stride=self.stride,
-            padding=self.padding, dilation=self.dilation, p_hat=z_hat if options.keep_unchanged else None,
-        )
-        return [a], report
-
-
-@dataclass
-class AddNode(Node):
-    def forward(self, xs, x_b):
-        out = xs[0]
-        for t in xs[1:]:
-            out = out + t
-        return out
-
-    def reverse(self, z_star, z_hat, a_hats, x_b, options):
-        """The MDP split ``a_i* = â_i + (z* − ẑ)/k``: the closest inputs whose sum is z*."""
-        report = self._report()
-        report.case, report.method = "MDP", "split"
-        corr = (z_star - z_hat) / len(self.inputs)
-        return [a + corr for a in a_hats], report
-
-
-@dataclass
-class CatNode(Node):
-    dim: int = 1  # channel axis of the batched tensor
-
-    def forward(self, xs, x_b):
-        return torch.cat(list(xs), dim=self.dim)
-
-    def reverse(self, z_star, z_hat, a_hats, x_b, options):
-        """Split the target along the concatenated axis."""
-        report = self._report()
-        report.method = "split"
-        sizes = [a.shape[self.dim] for a in a_hats]
-        return list(torch.split(z_star, sizes, dim=self.dim)), report
-
 
 @dataclass
 class EquivalentNetwork:
@@ -354,6 +76,8 @@ class EquivalentNetwork:
     name: str = "network"
     module_nodes: dict[str, str] = field(default_factory=dict)
     unit_modules: dict[str, str] = field(default_factory=dict)
+    #: x-independent derived structure (geometry), owned by the network; copies share it
+    _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         self._index = {n.name: i for i, n in enumerate(self.nodes)}
@@ -424,7 +148,7 @@ class EquivalentNetwork:
 
     @property
     def piecewise_linear(self) -> bool:
-        return all(n.piecewise_linear for n in self.nodes if isinstance(n, ActivationNode))
+        return all(n.piecewise_linear for n in self.nodes)
 
     def consumers(self, name: str) -> list[str]:
         return [n.name for n in self.nodes if name in n.inputs]
@@ -459,9 +183,9 @@ class EquivalentNetwork:
                 last_use[j] = i
         vals: dict[str, torch.Tensor] = {}
         out: dict[str, torch.Tensor] = {}
-        with torch.no_grad() if not x.requires_grad and not x_b.requires_grad else _nullcontext():
+        with torch.no_grad() if not x.requires_grad and not x_b.requires_grad else nullcontext():
             for i, n in enumerate(self.nodes):
-                v = x if isinstance(n, InputNode) else n.forward([vals[j] for j in n.inputs], x_b)
+                v = n.forward([vals[j] for j in n.inputs] if n.inputs else [x], x_b)
                 vals[n.name] = v
                 if keep is None or n.name in keep:
                     out[n.name] = v
@@ -482,10 +206,7 @@ class EquivalentNetwork:
         def f(x: torch.Tensor, x_b: torch.Tensor) -> torch.Tensor:
             vals: dict[str, torch.Tensor] = {}
             for n in self.nodes:
-                if isinstance(n, InputNode):
-                    vals[n.name] = x.unsqueeze(0)
-                else:
-                    vals[n.name] = n.forward([vals[j] for j in n.inputs], x_b)
+                vals[n.name] = n.forward([vals[j] for j in n.inputs] if n.inputs else [x.unsqueeze(0)], x_b)
                 if n.name == node:
                     return vals[n.name][0].reshape(-1)
             raise AssertionError("unreachable: node was checked above")
@@ -505,18 +226,55 @@ class EquivalentNetwork:
         return {names[k]: vals[k] for k in names}
 
     def activation_pattern(self, x: Any, x_b: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """The linearisation data at x: activation slopes (per ActivationNode) and max-pool
-        argmax indices (per MaxPoolNode), batched."""
-        want = {}
-        for n in self.nodes:
-            if isinstance(n, (ActivationNode, MaxPoolNode)):
-                want[n.inputs[0]] = want.get(n.inputs[0], []) + [n]
-        vals = self.run(x, x_b, keep=want)
+        """The x-dependent linearisation data at x, batched: per node whose linearisation
+        depends on the point, its :meth:`Node.pattern` (activation slopes, max-pool argmax)."""
+        want = {n.name: n for n in self.nodes if type(n).pattern is not Node.pattern}
+        keep = {j for n in want.values() for j in n.inputs}
+        vals = self.run(x, x_b, keep=keep)
         pattern = {}
-        for src, ns in want.items():
-            for n in ns:
-                pattern[n.name] = n.slopes(vals[src]) if isinstance(n, ActivationNode) else n.argmax(vals[src])
+        for name, n in want.items():
+            p = n.pattern([vals[j] for j in n.inputs])
+            if p is not None:
+                pattern[name] = p
         return pattern
+
+    def linearize(self, x: Any, x_b: torch.Tensor | None = None,
+                  nodes: Iterable[str] | None = None) -> dict[str, Operator]:
+        """Every node's Jacobian at the point ``(x, x_b)`` (:meth:`Node.linearize`).
+
+        One forward run; ``x`` is one sample, shape ``input_shape`` or ``(1, *input_shape)``.
+        ``nodes`` restricts the result (default: every node but the input).  Returns
+        name -> operator from the node's stacked inputs (and ``x_b`` when it reads it)."""
+        x = self._prepare(x)
+        if x.shape[0] != 1:
+            raise ValueError(f"{self.name}: linearize takes one sample (or a batch of 1), got a batch of {x.shape[0]}")
+        x_b = (self.x_b if x_b is None else torch.as_tensor(x_b)).to(device=x.device, dtype=x.dtype)
+        want = {n.name for n in self.nodes if n.inputs} if nodes is None else set(nodes)
+        need = set(want)
+        for n in reversed(self.nodes):
+            if n.name in need:
+                need.update(n.inputs)
+        keep = {j for n in self.nodes if n.name in want for j in n.inputs}
+        vals = self.run(x, x_b, keep=keep | (want & {self.output}))
+        return {n.name: n.linearize([vals[j] for j in n.inputs], x_b) for n in self.nodes if n.name in want}
+
+    def geometry(self) -> dict[str, Window]:
+        """Per node, the receptive-field :class:`~linop.network.geometry.Window` of its units
+        in the input image (x-independent; computed once and kept on the network)."""
+        hit = self._cache.get("geometry")
+        if hit is not None:
+            return hit
+        C, H, W = image_shape(self.input_shape)
+        boxes: dict[str, np.ndarray] = {}
+        geoms: dict[str, Window] = {}
+        for n in self.nodes:
+            b = n.geometry([boxes[i] for i in n.inputs], [tuple(self.node(i).out_shape) for i in n.inputs])
+            if b.shape != (4, int(np.prod(n.out_shape))):
+                raise ValueError(f"node {n.name}: geometry has shape {b.shape}, expected (4, {int(np.prod(n.out_shape))})")
+            boxes[n.name] = b
+            geoms[n.name] = window_of(b, H, W)
+        self._cache["geometry"] = geoms
+        return geoms
 
     # ------------------------------------------------------------------ conversion
     def to(self, dtype: Any) -> "EquivalentNetwork":
@@ -528,14 +286,7 @@ class EquivalentNetwork:
     def summary(self) -> str:
         lines = [f"EquivalentNetwork {self.name}: input {self.input_shape}, |x_b| = {self.n_bias}"]
         for n in self.nodes:
-            extra = ""
-            if isinstance(n, LinearNode):
-                extra = f"{type(n.op).__name__}" + (f"  [{n.unit_layer}]" if n.unit_layer else "")
-            elif isinstance(n, BiasNode):
-                extra = f"bias {n.bias_name} x_b[{n.bias_slice.start}:{n.bias_slice.stop}]"
-            elif isinstance(n, ActivationNode):
-                extra = n.kind
-            lines.append(f"  {n.name:<24} {type(n).__name__:<15} {str(n.out_shape):<16} {extra}")
+            lines.append(f"  {n.name:<24} {type(n).__name__:<15} {str(n.out_shape):<16} {n.detail}")
         return "\n".join(lines)
 
     def describe(self) -> str:
@@ -567,11 +318,3 @@ class EquivalentNetwork:
         return "\n".join(lines)
 
     __str__ = describe
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False

@@ -5,6 +5,7 @@ Every operator exists in three agreeing forms: batched torch ``apply``/``apply_a
 the explicit CSR matrix ``to_sparse()``.  ``dottest`` checks the adjoint identity.
 """
 from .base import AdjointOperator, Operator, dottest
+from .adapt import LinearOperatorAdapter, MatrixOperator, as_operator
 from .conv import Conv2d
 from .dense import Linear
 from .elementwise import (
@@ -16,13 +17,35 @@ from .elementwise import (
     SigmoidDerivative,
     TanhDerivative,
 )
+from .composite import BlockRow, Chain, Concat, GraphOperator, HStack, Sum, VStack
 from .pool import AvgPool2d, GlobalAvgPool2d, MaxPool2d
-from .structural import BiasRestriction, Chain, ChannelPad, Flatten, Identity, Scale, Subsample, Sum, VStack
+from .structural import BiasRestriction, ChannelPad, Flatten, Identity, Scale, Slice, Subsample
+from .conv_transpose import ConvTranspose2d
+from .layers1d import AvgPool1d, Conv1d, Lift1d, MaxPool1d
+from .padding import Pad2d
+from .permutation import ChannelPermutation, ChannelShuffle
+from .resample import AdaptiveAvgPool2d, Upsample2d
+from .separable import AxisTaps, SeparableOperator
 
 __all__ = [
+    "AdaptiveAvgPool2d",
+    "Upsample2d",
+    "ConvTranspose2d",
+    "Pad2d",
+    "Conv1d",
+    "AvgPool1d",
+    "MaxPool1d",
+    "Lift1d",
+    "ChannelPermutation",
+    "ChannelShuffle",
+    "SeparableOperator",
+    "AxisTaps",
     "Operator",
     "AdjointOperator",
     "dottest",
+    "as_operator",
+    "MatrixOperator",
+    "LinearOperatorAdapter",
     "Conv2d",
     "Linear",
     "AvgPool2d",
@@ -43,5 +66,10 @@ __all__ = [
     "Flatten",
     "Scale",
     "Identity",
+    "Slice",
     "Chain",
+    "BlockRow",
+    "HStack",
+    "Concat",
+    "GraphOperator",
 ]

@@ -185,6 +185,20 @@ class Operator(spla.LinearOperator):
             A = backend.get_sparse_module(backend._cupy.empty(0)).csr_matrix(A)
         return A
 
+    @property
+    def structure(self) -> tuple[np.ndarray, np.ndarray]:
+        """The structural CSR pattern ``(indptr, indices)`` of :meth:`to_sparse`.
+
+        Computed once and kept on the operator (an operator is immutable, so its pattern is
+        too); receptive-field geometry and cost models read it instead of re-assembling."""
+        s = self.__dict__.get("_structure")
+        if s is None:
+            A = self.to_sparse()
+            A = A if hasattr(A, "indptr") else A.tocsr()
+            s = (np.asarray(A.indptr), np.asarray(A.indices))
+            self._structure = s
+        return s
+
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.in_shape} -> {self.out_shape}, dtype={self.dtype}>"
 

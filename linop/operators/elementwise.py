@@ -34,13 +34,29 @@ __all__ = [
 ]
 
 
-def _point(x: Any, who: str) -> torch.Tensor:
+def _point(x: Any, who: str, shape: Sequence[int] | None = None) -> torch.Tensor:
+    """One sample ``x`` as a CPU tensor.  The batch rule of single-sample APIs: with ``shape``
+    given, ``x`` has shape ``shape`` or ``(1, *shape)``; without it, ``x``'s own shape is the
+    per-sample shape (nothing is dropped)."""
     t = x.detach().to("cpu") if isinstance(x, torch.Tensor) else backend.to_torch(backend.to_numpy(x))
     if t.dim() == 0 or t.numel() == 0:
         raise ValueError(f"{who}: x must be a non-empty per-sample array, got shape {tuple(t.shape)}")
+    if shape is not None:
+        shp = as_shape(shape, "shape")
+        if tuple(t.shape) == (1,) + shp:
+            t = t[0]
+        elif tuple(t.shape) != shp:
+            raise ValueError(f"{who}: x must have shape {shp} or (1, *{shp}) (one sample), got {tuple(t.shape)}")
     if not t.is_floating_point():
         t = t.to(torch.float64)
     return t.clone().contiguous()
+
+
+_BATCH_RULE = """x : array or tensor
+        The point (one sample).  Its shape is the operator's per-sample shape, unless
+        ``shape`` is given: then ``x`` has shape ``shape`` or ``(1, *shape)`` (the batch rule of
+        every single-sample API: one sample, with or without a batch axis of 1).
+    shape : per-sample shape, optional"""
 
 
 class Diagonal(Operator):
@@ -76,18 +92,29 @@ class Diagonal(Operator):
 
 
 class ReLUMask(Diagonal):
-    """``Σ = diag(1[x > 0])`` — ReLU's slopes at the pre-activation ``x`` (0 at x = 0, like torch)."""
+    """``Σ = diag(1[x > 0])`` — ReLU's slopes at the pre-activation ``x`` (0 at x = 0, like torch).
 
-    def __init__(self, x: Any):
-        t = _point(x, "ReLUMask")
+    Parameters
+    ----------
+    {batch}
+    """
+
+    def __init__(self, x: Any, shape: Sequence[int] | None = None):
+        t = _point(x, "ReLUMask", shape)
         super().__init__((t > 0).to(t.dtype))
 
 
 class LeakyReLUMask(Diagonal):
-    """``Σ = diag(1 if x > 0 else γ)`` (seed 000 Eq. C.9); γ at x = 0, like torch."""
+    """``Σ = diag(1 if x > 0 else γ)`` (seed 000 Eq. C.9); γ at x = 0, like torch.
 
-    def __init__(self, x: Any, negative_slope: float = 0.01):
-        t = _point(x, "LeakyReLUMask")
+    Parameters
+    ----------
+    {batch}
+    negative_slope : γ
+    """
+
+    def __init__(self, x: Any, negative_slope: float = 0.01, shape: Sequence[int] | None = None):
+        t = _point(x, "LeakyReLUMask", shape)
         try:
             g = float(negative_slope)
         except (TypeError, ValueError):
@@ -100,10 +127,16 @@ class LeakyReLUMask(Diagonal):
 
 class PReLUMask(Diagonal):
     """PReLU slopes: ``1`` where ``x > 0`` else the learned slope (scalar, or one per channel
-    along axis 0 of ``x``, as ``torch.nn.PReLU(num_parameters=C)``); the slope at x = 0, like torch."""
+    along axis 0 of ``x``, as ``torch.nn.PReLU(num_parameters=C)``); the slope at x = 0, like torch.
 
-    def __init__(self, x: Any, weight: Any):
-        t = _point(x, "PReLUMask")
+    Parameters
+    ----------
+    {batch}
+    weight : the learned slope(s)
+    """
+
+    def __init__(self, x: Any, weight: Any, shape: Sequence[int] | None = None):
+        t = _point(x, "PReLUMask", shape)
         w = as_cpu_tensor(weight, "weight").reshape(-1).to(t.dtype)
         if w.numel() == 1:
             g = w.reshape(())
@@ -122,7 +155,7 @@ class PiecewiseLinearMask(Diagonal):
 
     Parameters
     ----------
-    x : pre-activation (one sample)
+    {batch}
     breakpoints : increasing sequence ``b_1 < … < b_k``
     slopes : ``k + 1`` slopes, ``slopes[i]`` on ``(b_i, b_{i+1})`` (with ``b_0 = -inf``,
         ``b_{k+1} = +inf``)
@@ -135,8 +168,9 @@ class PiecewiseLinearMask(Diagonal):
     ReLU: ``breakpoints=[0], slopes=[0, 1]``; hardtanh: ``[-1, 1], [0, 1, 0], at_breakpoint=[0, 0]``.
     """
 
-    def __init__(self, x: Any, breakpoints: Sequence[float], slopes: Sequence[float], at_breakpoint: Any = "left"):
-        t = _point(x, "PiecewiseLinearMask")
+    def __init__(self, x: Any, breakpoints: Sequence[float], slopes: Sequence[float], at_breakpoint: Any = "left",
+                 shape: Sequence[int] | None = None):
+        t = _point(x, "PiecewiseLinearMask", shape)
         b = torch.as_tensor(np.asarray(breakpoints, dtype=np.float64).reshape(-1), dtype=t.dtype)
         s = torch.as_tensor(np.asarray(slopes, dtype=np.float64).reshape(-1), dtype=t.dtype)
         if s.numel() != b.numel() + 1:
@@ -177,17 +211,31 @@ class PiecewiseLinearMask(Diagonal):
 
 
 class TanhDerivative(Diagonal):
-    """``diag(1 - tanh(x)²)``: the Jacobian of tanh at ``x`` (first order only)."""
+    """``diag(1 - tanh(x)²)``: the Jacobian of tanh at ``x`` (first order only).
 
-    def __init__(self, x: Any):
-        t = _point(x, "TanhDerivative")
+    Parameters
+    ----------
+    {batch}
+    """
+
+    def __init__(self, x: Any, shape: Sequence[int] | None = None):
+        t = _point(x, "TanhDerivative", shape)
         super().__init__(1 - torch.tanh(t) ** 2, keep_zeros=True)
 
 
 class SigmoidDerivative(Diagonal):
-    """``diag(s (1 - s))`` with ``s = sigmoid(x)``: the Jacobian of sigmoid at ``x``."""
+    """``diag(s (1 - s))`` with ``s = sigmoid(x)``: the Jacobian of sigmoid at ``x``.
 
-    def __init__(self, x: Any):
-        t = _point(x, "SigmoidDerivative")
+    Parameters
+    ----------
+    {batch}
+    """
+
+    def __init__(self, x: Any, shape: Sequence[int] | None = None):
+        t = _point(x, "SigmoidDerivative", shape)
         s = torch.sigmoid(t)
         super().__init__(s * (1 - s), keep_zeros=True)
+
+
+for _cls in (ReLUMask, LeakyReLUMask, PReLUMask, PiecewiseLinearMask, TanhDerivative, SigmoidDerivative):
+    _cls.__doc__ = _cls.__doc__.replace("{batch}", _BATCH_RULE)

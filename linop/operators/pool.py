@@ -174,8 +174,9 @@ class MaxPool2d(Operator):
 
     Parameters
     ----------
-    x : tensor or array, shape (C, H, W) (or (1, C, H, W))
-        The point the selection is taken at.
+    x : tensor or array, shape (C, H, W) or (1, C, H, W)
+        The point the selection is taken at: one sample, with or without a batch axis of 1
+        (the batch rule of every single-sample API); a larger batch raises ValueError.
     kernel_size, stride, padding, dilation, ceil_mode :
         As ``torch.nn.functional.max_pool2d`` (``stride`` defaults to ``kernel_size``).
     """
@@ -223,7 +224,7 @@ class MaxPool2d(Operator):
         indices : int array / tensor, shape (C, H_out, W_out) (or (1, C, H_out, W_out))
             ``planar=True``: torch's ``return_indices`` convention, flat within each
             (H, W) plane; ``planar=False``: flat over (C, H, W) (as
-            ``linop.graph.MaxPoolNode.argmax`` returns them).
+            ``linop.network.MaxPoolNode.argmax`` returns them).
         input_shape : (C, H, W)
         """
         C, H, W = _check_image_shape(input_shape, "MaxPool2d.from_indices")

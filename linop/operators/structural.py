@@ -1,11 +1,11 @@
 """Structural operators of the equivalent network: bias restriction ``R_l``, channel
-zero-padding, strided subsampling, concatenation, sums, flatten, scaling, composition.
+zero-padding, strided subsampling, slicing, flatten, scaling, identity.
 
 These are the wiring of seed 000's equivalent model (Fig. 2, appendix C): ``R_l`` reads
 layer l's slice of the extended input ``x_b`` and broadcasts it over the layer's output
 (Eq. C.5–C.8); the ResNet20 shortcut at a stage change is strided subsampling ("avg-pool
-with window 1, stride 2") plus zero channels (Table D.3); residual sums add Jacobians and
-concatenation stacks them.
+with window 1, stride 2") plus zero channels (Table D.3).  Compositions (chains, sums,
+stacks, whole graphs) live in :mod:`linop.operators.composite`.
 """
 from __future__ import annotations
 
@@ -13,23 +13,19 @@ from math import prod
 from typing import Any, Sequence
 
 import numpy as np
-import scipy.sparse
-import torch
 import torch.nn.functional as F
 
 from .base import Operator, as_shape, numpy_dtype
-from .conv import as_cpu_tensor, finish_csr, pair, result_dtype, seq_of_ops
+from .conv import as_cpu_tensor, pair
 
 __all__ = [
     "BiasRestriction",
     "ChannelPad",
     "Subsample",
-    "VStack",
-    "Sum",
+    "Slice",
     "Flatten",
     "Scale",
     "Identity",
-    "Chain",
 ]
 
 
@@ -171,130 +167,30 @@ class Subsample(Operator):
         return np.arange(self.shape[0]), cols.ravel(), np.ones(self.shape[0])
 
 
-class _Composite(Operator):
-    """Operators built from others; their explicit matrix is built from the parts' CSR
-    matrices (so each part's fast assembly is used) by sparse vstack / sum / product."""
+class Slice(Operator):
+    """``x[start:stop]`` of a flat vector of length ``n`` (a coordinate selection; e.g. one
+    layer's bias slice of the extended input ``x_b``, the left factor of ``R_l`` in Eq. C.8)."""
 
-    ops: list
+    def __init__(self, n: int, start: int, stop: int, dtype: Any = np.float64):
+        vals = (n, start, stop)
+        if any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) for v in vals) or not 0 <= start <= stop <= n:
+            raise ValueError(f"Slice: need ints 0 <= start <= stop <= n, got n={n!r}, start={start!r}, stop={stop!r}")
+        if stop == start:
+            raise ValueError(f"Slice: the slice [{start}, {stop}) is empty")
+        self.start, self.stop = int(start), int(stop)
+        super().__init__((int(n),), (self.stop - self.start,), dtype=numpy_dtype(dtype))
 
-    def _sparse(self, dtype) -> scipy.sparse.csr_matrix:
-        raise NotImplementedError
+    def _apply(self, x):
+        return x[:, self.start:self.stop]
 
-    def to_sparse(self, gpu: bool = False, dtype: Any = None):
-        dt = numpy_dtype(dtype) if dtype is not None else self.dtype
-        A = scipy.sparse.csr_matrix(self._sparse(dt), dtype=dt)
-        A.sum_duplicates()
-        A.sort_indices()
-        return finish_csr(A, gpu)
+    def _apply_adjoint(self, y):
+        z = y.new_zeros((y.shape[0], self.shape[1]))
+        z[:, self.start:self.stop] = y
+        return z
 
     def _coo(self):
-        A = self._sparse(self.dtype).tocoo()
-        return A.row, A.col, A.data
-
-
-class VStack(_Composite):
-    """Concatenation of several operators' outputs for the same input (``CatNode``;
-    ``J`` of a concatenation stacks the Jacobians).
-
-    Output ``(ΣC_i, H, W)`` when every output is ``(C_i, H, W)`` with equal ``H, W``
-    (channel concatenation — in C order this is also the flat concatenation), else flat.
-    """
-
-    def __init__(self, ops: Sequence[Operator]):
-        ops = seq_of_ops(ops, "VStack")
-        ins = ops[0].in_shape
-        for i, op in enumerate(ops):
-            if op.in_shape != ins:
-                raise ValueError(f"VStack: ops[{i}] has in_shape {op.in_shape}, expected {ins} (same input for all)")
-        outs = [op.out_shape for op in ops]
-        if all(len(o) == 3 for o in outs) and len({o[1:] for o in outs}) == 1:
-            out = (sum(o[0] for o in outs),) + outs[0][1:]
-        else:
-            out = (sum(prod(o) for o in outs),)
-        self.ops = ops
-        self._sizes = [prod(o) for o in outs]
-        super().__init__(ins, out, dtype=result_dtype(*[op.dtype for op in ops]))
-
-    def _apply(self, x):
-        n = x.shape[0]
-        return torch.cat([op._apply(x).reshape(n, -1) for op in self.ops], dim=1).reshape((n,) + self.out_shape)
-
-    def _apply_adjoint(self, y):
-        n = y.shape[0]
-        parts = y.reshape(n, -1).split(self._sizes, dim=1)
-        out = None
-        for op, p in zip(self.ops, parts):
-            z = op._apply_adjoint(p.reshape((n,) + op.out_shape))
-            out = z if out is None else out + z
-        return out
-
-    def _sparse(self, dtype):
-        return scipy.sparse.vstack([op.to_sparse(dtype=dtype) for op in self.ops], format="csr")
-
-
-class Sum(_Composite):
-    """``(A_1 + … + A_k) x`` — residual sums (``AddNode``); all parts share in/out shapes."""
-
-    def __init__(self, ops: Sequence[Operator]):
-        ops = seq_of_ops(ops, "Sum")
-        for i, op in enumerate(ops):
-            if op.in_shape != ops[0].in_shape or op.out_shape != ops[0].out_shape:
-                raise ValueError(
-                    f"Sum: ops[{i}] maps {op.in_shape} -> {op.out_shape}, expected "
-                    f"{ops[0].in_shape} -> {ops[0].out_shape}"
-                )
-        self.ops = ops
-        super().__init__(ops[0].in_shape, ops[0].out_shape, dtype=result_dtype(*[op.dtype for op in ops]))
-
-    def _apply(self, x):
-        out = self.ops[0]._apply(x)
-        for op in self.ops[1:]:
-            out = out + op._apply(x)
-        return out
-
-    def _apply_adjoint(self, y):
-        out = self.ops[0]._apply_adjoint(y)
-        for op in self.ops[1:]:
-            out = out + op._apply_adjoint(y)
-        return out
-
-    def _sparse(self, dtype):
-        A = self.ops[0].to_sparse(dtype=dtype)
-        for op in self.ops[1:]:
-            A = A + op.to_sparse(dtype=dtype)
-        return A
-
-
-class Chain(_Composite):
-    """Composition ``A_k ⋯ A_2 A_1``; ``ops`` are given in the order they are applied
-    (``ops[0]`` first).  ``to_sparse`` multiplies the parts' CSR matrices."""
-
-    def __init__(self, ops: Sequence[Operator]):
-        ops = seq_of_ops(ops, "Chain")
-        for i in range(1, len(ops)):
-            if ops[i].in_shape != ops[i - 1].out_shape:
-                raise ValueError(
-                    f"Chain: ops[{i}] expects in_shape {ops[i].in_shape} but ops[{i - 1}] produces "
-                    f"{ops[i - 1].out_shape} (insert a Flatten?)"
-                )
-        self.ops = ops
-        super().__init__(ops[0].in_shape, ops[-1].out_shape, dtype=result_dtype(*[op.dtype for op in ops]))
-
-    def _apply(self, x):
-        for op in self.ops:
-            x = op._apply(x)
-        return x
-
-    def _apply_adjoint(self, y):
-        for op in reversed(self.ops):
-            y = op._apply_adjoint(y)
-        return y
-
-    def _sparse(self, dtype):
-        A = self.ops[0].to_sparse(dtype=dtype)
-        for op in self.ops[1:]:
-            A = op.to_sparse(dtype=dtype) @ A
-        return A
+        i = np.arange(self.shape[0])
+        return i, i + self.start, np.ones(i.size)
 
 
 class Identity(Operator):

@@ -21,8 +21,12 @@ Given the network output ``â_L`` and a label ``y*``, find the output vector clo
   makes the argmax constraint hold *exactly* in floating point, keeps ties exact, and
   returns ``â`` unchanged (bit for bit) when ``y*`` is already a maximum (``t = â_{y*}``).
 
-Everything is vectorised over the batch (one sort, one cumsum); numpy, torch (any device)
-and cupy inputs come back in their own type, device and dtype.
+* **one-hot** — the ablation baseline of seed 001 §4.2: ``a_{y*} = 1``, every other entry 0
+  (independent of ``â_L``).
+
+Everything is vectorised over the batch (one sort, one cumsum).  **Return rule** (the same
+as :func:`linop.solvers.solve`): numpy in → numpy out, torch → torch on its device and
+dtype, cupy → cupy; a batch ``(N, n)`` gives a batch, one sample ``(n,)`` gives one sample.
 """
 from __future__ import annotations
 
@@ -33,9 +37,12 @@ import torch
 
 from .. import backend
 
-__all__ = ["embed", "nearest_embedding", "maximum_assignment", "ne_multipliers"]
+__all__ = ["embed", "EMBEDDINGS", "nearest_embedding", "maximum_assignment", "one_hot", "ne_multipliers"]
 
-_NORMS = {"l2": "ne", "ne": "ne", "l1": "ma", "ma": "ma"}
+#: The embeddings by their canonical names (``reconstruct(embedding=...)``); :func:`embed` also
+#: accepts the norms "l2" (= "ne") and "l1" (= "ma").
+EMBEDDINGS = ("ne", "ma", "onehot")
+_NORMS = {"l2": "ne", "ne": "ne", "l1": "ma", "ma": "ma", "onehot": "onehot"}
 
 
 def _as_torch_batch(a_hat: Any, y: Any) -> tuple[torch.Tensor, torch.Tensor, bool]:
@@ -105,6 +112,14 @@ def nearest_embedding(a: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def one_hot(a: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The one-hot code of ``y`` (seed 001 §4.2 ablation) in ``a``'s shape, dtype and device."""
+    return torch.zeros_like(a).scatter_(1, y[:, None], 1.0)
+
+
+_EMBEDDERS = {"ne": nearest_embedding, "ma": maximum_assignment, "onehot": one_hot}
+
+
 def embed(a_hat: Any, y: Any, norm: str = "l2") -> Any:
     """Optimal embedding of labels ``y`` into the output space (seed 001 §3.3, problem 21).
 
@@ -114,15 +129,16 @@ def embed(a_hat: Any, y: Any, norm: str = "l2") -> Any:
         Forward network outputs ``â_L`` (numpy, torch on any device, or cupy; float).
     y : int array (N,) or int
         Target labels ``y*`` in ``[0, n_classes)``.
-    norm : {"l2", "ne", "l1", "ma"}
+    norm : {"l2", "ne", "l1", "ma", "onehot"}
         ``"l2"``/``"ne"``: nearest embedding (Algorithm 1, Eqs. 26–33), the L2 optimum.
         ``"l1"``/``"ma"``: maximum assignment (Eq. 22), an L1 optimum (Eq. 23).
+        ``"onehot"``: the one-hot code of ``y*`` (the §4.2 ablation; ignores ``â_L``'s values).
 
     Returns
     -------
-    a_star : same type, device, dtype and shape as ``a_hat``
-        ``a*_L`` with ``a*_{y*} ≥ a*_i`` for all i, exactly.  Rows whose label is already a
-        maximum are returned unchanged.
+    a_star : same type, device, dtype and shape as ``a_hat`` (the return rule above)
+        ``a*_L`` with ``a*_{y*} ≥ a*_i`` for all i, exactly.  For "ne"/"ma", rows whose label
+        is already a maximum are returned unchanged.
 
     Raises
     ------
@@ -131,10 +147,9 @@ def embed(a_hat: Any, y: Any, norm: str = "l2") -> Any:
     """
     key = _NORMS.get(str(norm).lower()) if isinstance(norm, str) else None
     if key is None:
-        raise ValueError(f"embed: norm must be one of 'l2'/'ne' or 'l1'/'ma', got {norm!r}")
+        raise ValueError(f"embed: norm must be one of 'l2'/'ne', 'l1'/'ma' or 'onehot', got {norm!r}")
     a, yt, squeeze = _as_torch_batch(a_hat, y)
-    out = nearest_embedding(a, yt) if key == "ne" else maximum_assignment(a, yt)
-    return _return_like(out, a_hat, squeeze)
+    return _return_like(_EMBEDDERS[key](a, yt), a_hat, squeeze)
 
 
 def ne_multipliers(a_hat: Any, a_star: Any, y: Any) -> Any:

@@ -2,7 +2,7 @@
 
 The greedy reverse pass of seed 001 (§3, "we adopt a greedy strategy to reconstruct all
 feature maps from a*_L to a*_{l_R} layer by layer") alternates linear steps — MDP / CCP
-solves, :mod:`linop.solve` — with the reverse steps collected here:
+solves, :mod:`linop.solvers` — with the reverse steps collected here:
 
 * :func:`inverse_activation` — seed 001 §3.4(a): bijections with unlimited range
   (LeakyReLU / PReLU, with their real slope) are inverted exactly; bijections with a limited
@@ -31,6 +31,9 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+
+from ..operators.conv import pair
+from ..solvers.case import rank_case
 
 __all__ = [
     "ACTIVATION_KINDS",
@@ -172,25 +175,16 @@ def inverse_activation(
 
 
 # ----------------------------------------------------------------------------- pooling
-def _pair(v: Any, name: str) -> tuple[int, int]:
-    if isinstance(v, (int, np.integer)):
-        return int(v), int(v)
-    t = tuple(int(u) for u in v)
-    if len(t) != 2:
-        raise ValueError(f"{name} must be an int or a pair, got {v!r}")
-    return t
-
-
 def _check_pool(kernel_size, stride, padding, dilation, in_shape) -> tuple[tuple[int, int], tuple[int, ...]]:
-    k = _pair(kernel_size, "kernel_size")
-    s = k if stride is None else _pair(stride, "stride")
-    p = _pair(padding, "padding")
-    d = _pair(dilation, "dilation")
+    k = pair(kernel_size, "kernel_size")
+    s = k if stride is None else pair(stride, "stride")
+    p = pair(padding, "padding", minimum=0)
+    d = pair(dilation, "dilation")
     if s != k or p != (0, 0) or d != (1, 1):
         raise NotImplementedError(
             f"the copy-back pooling reverse of seed 001 §3.4(b) needs stride == kernel_size, "
             f"padding 0 and dilation 1; got kernel_size={k}, stride={s}, padding={p}, dilation={d} "
-            f"(for average pooling use the exact solve through linop.solve instead)"
+            f"(for average pooling use the exact solve through linop.solvers.solve instead)"
         )
     in_shape = tuple(int(v) for v in in_shape)
     if len(in_shape) != 3:
@@ -380,8 +374,9 @@ def structural_step(
     ``a* = â + W⁺(z* − W â)`` reduces to: ``a*_c = z*_r / w_rc`` for every non-zero
     ``(r, c)``, ``a*_c = â_c`` for columns without one (no cancellation: the copy is exact).
 
-    Returns ``(a_star, case)`` with case "MDP" (full row rank), "CCP" (full column rank),
-    "invertible" (both) or "rank-deficient" (neither)."""
+    Returns ``(a_star, case)`` with the case of W as :func:`linop.solvers.case.rank_case`
+    names it (the rank is the number of non-zeros): "MDP" (full row rank, square included),
+    "CCP" (full column rank) or "rank-deficient" (neither)."""
     r, c, v = pattern
     m, n = shape
     N = z_star.shape[0]
@@ -395,9 +390,7 @@ def structural_step(
             out[:, ci] = zf[:, ri]
         else:
             out[:, ci] = zf[:, ri] / vals
-    row_full, col_full = r.size == m, r.size == n
-    case = "invertible" if row_full and col_full else "MDP" if row_full else "CCP" if col_full else "rank-deficient"
-    return out.reshape(a_hat.shape), case
+    return out.reshape(a_hat.shape), rank_case(m, n, int(r.size))
 
 
 def subtract_bias(

@@ -13,15 +13,15 @@ maps"):
    ==================  ======================================================================
    node                reverse step
    ==================  ======================================================================
-   LinearNode          minimum-norm correction ``a* = â + W⁺(z* − W â)`` (:func:`linop.solve`):
+   LinearNode          minimum-norm correction ``a* = â + W⁺(z* − W â)`` (:func:`linop.solvers.solve`):
                        MDP (Eqs. 4–6) for full row rank, CCP (Eq. 7) for full column rank.
                        Matrices with one non-zero per row and column (flatten, channel pad,
-                       subsample, scale) use the closed form of :func:`inverse.structural_step`;
+                       subsample, scale) use the closed form of :func:`steps.structural_step`;
                        average pooling with stride = kernel is copied back (§3.4(b)) unless
                        ``avgpool="exact"``.
    BiasNode            ``c* = z* − R b``.
-   ActivationNode      inverse activation (§3.4(a)), :func:`inverse.inverse_activation`.
-   MaxPoolNode         copy back (§3.4(b)), :func:`inverse.unpool_max`.
+   ActivationNode      inverse activation (§3.4(a)), :func:`steps.inverse_activation`.
+   MaxPoolNode         copy back (§3.4(b)), :func:`steps.unpool_max`.
    AddNode             the MDP split ``a_i* = â_i + (z* − ẑ)/k`` (closest inputs whose sum is z*).
    CatNode             split by channels.
    ==================  ======================================================================
@@ -66,6 +66,7 @@ import numpy as np
 import torch
 
 from . import steps as inverse
+from .embed import EMBEDDINGS, embed
 from ..solvers import METHODS as SOLVE_METHODS
 from ..network.graph import EquivalentNetwork
 from ..network.reverse import ReverseOptions, StepReport, relative_misfit
@@ -78,7 +79,6 @@ __all__ = [
     "resolve_to_layer",
 ]
 
-EMBEDDINGS = ("ne", "ma", "onehot")
 FANOUT = ("error", "mean")
 #: Refuse a reconstruction whose kept tensors (a* and â of every kept node) exceed this.
 DEFAULT_MAX_BYTES = 4 * 2**30
@@ -209,16 +209,134 @@ def _labels(y: Any, N: int, n_classes: int, device) -> torch.Tensor:
     return yt.to(device=device, dtype=torch.int64)
 
 
-def _embed(a_hat_L: torch.Tensor, y: torch.Tensor, embedding: str) -> torch.Tensor:
-    if embedding == "onehot":  # the ablation baseline of seed 001 §4.2
-        out = torch.zeros_like(a_hat_L)
-        return out.scatter_(1, y[:, None], 1.0)
-    from .embed import embed
-
-    return embed(a_hat_L, y, norm="l2" if embedding == "ne" else "l1")
-
-
 # ----------------------------------------------------------------------------- the pass
+@dataclass
+class _Plan:
+    """What the walk visits: the nodes between ``target`` and the output, in topological order."""
+
+    target: str
+    output: str
+    order: list  # nodes on the path, topological
+    on_path: set[str]
+    kept: set[str]  # nodes whose a* / â are returned
+    need: set[str]  # nodes whose forward value the walk reads
+
+
+def _check_options(net: Any, embedding: str, solver: str, tol: Any, maxiter: Any, maxpool: str, avgpool: str,
+                   relu: str, fanout: str) -> None:
+    """ValueError naming the argument for every bad option, before any work."""
+    if not isinstance(net, EquivalentNetwork):
+        raise ValueError(f"net must be an EquivalentNetwork (see linop.from_torch), got {type(net).__name__}")
+    for arg, val, allowed in (("embedding", embedding, EMBEDDINGS), ("maxpool", maxpool, inverse.MAXPOOL_MODES),
+                              ("avgpool", avgpool, inverse.AVGPOOL_MODES), ("fanout", fanout, FANOUT),
+                              ("relu", relu, inverse.RELU_MODES)):
+        if val not in allowed:
+            raise ValueError(f"{arg} must be one of {allowed}, got {val!r}")
+    if not (isinstance(tol, (int, float)) and tol > 0):
+        raise ValueError(f"tol must be a positive number, got {tol!r}")
+    # checked here, not at the first linear step: a chain without one would accept anything
+    if solver not in SOLVE_METHODS:
+        raise ValueError(f"solver must be one of {tuple(SOLVE_METHODS)}, got {solver!r}")
+    if maxiter is not None and (isinstance(maxiter, bool) or not isinstance(maxiter, (int, np.integer))
+                                or maxiter < 1):
+        raise ValueError(f"maxiter must be a positive integer or None, got {maxiter!r}")
+
+
+def _plan(net: EquivalentNetwork, to_layer: str, fanout: str, keep: Iterable[str] | None) -> _Plan:
+    """The reverse path from the output down to ``to_layer``; refuses branches unless averaged."""
+    target = resolve_to_layer(net, to_layer)
+    out_name = net.output
+    out_node = net.node(out_name)
+    if len(out_node.out_shape) != 1:
+        raise ValueError(f"the output node {out_name!r} must be a vector of class scores, has shape {out_node.out_shape}")
+    ancestors = _ancestors(net, out_name)
+    if target not in ancestors:
+        raise ValueError(f"to_layer {to_layer!r} (node {target!r}) does not feed the output {out_name!r}")
+    on_path = ancestors & _descendants(net, target)
+    order = [n for n in net.nodes if n.name in on_path]  # topological
+    if fanout == "error":
+        for n in order:
+            cs = [m.name for m in order if n.name in m.inputs]
+            if len(cs) > 1:
+                raise NotImplementedError(
+                    f"node {n.name!r} feeds {len(cs)} nodes on the reverse path ({cs}); the greedy "
+                    f"reverse pass of seed 001 §3 is defined for chains — pass fanout='mean' to "
+                    f"average the reconstructed targets, or reconstruct to a layer above the branch"
+                )
+    kept = on_path if keep is None else set(keep) | {target, out_name}
+    unknown = kept - on_path
+    if unknown:
+        raise ValueError(f"keep names nodes not on the reverse path: {sorted(unknown)}")
+    need = set(on_path) | {i for n in order for i in n.inputs}
+    return _Plan(target, out_name, order, on_path, set(kept), need)
+
+
+def _check_memory(net: EquivalentNetwork, plan: _Plan, x: torch.Tensor, max_bytes: int | None) -> None:
+    """Refuse a walk whose live tensors (forward values on the path + kept a*) exceed ``max_bytes``."""
+    N = x.shape[0] if x.dim() > len(net.input_shape) else 1
+    per_sample = (sum(math.prod(net.node(k).out_shape) for k in plan.need)
+                  + sum(math.prod(net.node(k).out_shape) for k in plan.kept)) * x.element_size()
+    if max_bytes is not None and N * per_sample > max_bytes:
+        raise ValueError(
+            f"reconstruct: the forward values of {len(plan.need)} nodes and a* of {len(plan.kept)} for {N} samples "
+            f"need {N * per_sample / 2**30:.2f} GiB > max_bytes={max_bytes / 2**30:.2f} GiB; pass fewer "
+            f"samples (at most {max(1, max_bytes // per_sample)}), fewer nodes in keep=, or raise max_bytes"
+        )
+
+
+def _walk(plan: _Plan, fwd: dict, z_L: torch.Tensor, x_b: torch.Tensor, options: ReverseOptions,
+          progress: bool) -> tuple[dict[str, torch.Tensor], list[StepReport]]:
+    """The greedy reverse pass: each node's ``reverse`` step, output first, down to the target.
+
+    A node's target is the one its consumer produced (the mean of several with
+    ``fanout="mean"``); only kept features outlive their step."""
+    from tqdm.auto import tqdm
+
+    star: dict[str, torch.Tensor] = {plan.output: z_L}
+    pending: dict[str, list[torch.Tensor]] = {}
+    steps: list[StepReport] = []
+    features: dict[str, torch.Tensor] = {}
+    bar = tqdm(total=len(plan.order) - 1, desc="reconstruct", disable=not progress, leave=False)
+    for node in reversed(plan.order):
+        name = node.name
+        if name != plan.output:
+            parts = pending.pop(name)
+            star[name] = parts[0] if len(parts) == 1 else torch.stack(parts).mean(0)
+        if name in plan.kept:
+            features[name] = star[name]
+        if name == plan.target:
+            break
+        t0 = time.perf_counter()
+        ins, report = node.reverse(star[name], fwd[name], [fwd[i] for i in node.inputs], x_b, options)
+        with torch.no_grad():
+            again = node.forward(ins, x_b)
+        report.consistency = _rel(again - star[name], star[name])
+        report.seconds = time.perf_counter() - t0
+        steps.append(report)
+        for inp, val in zip(node.inputs, ins):
+            if inp in plan.on_path:
+                pending.setdefault(inp, []).append(val)
+        if name not in plan.kept and name != plan.output:
+            del star[name]  # bounded memory: only kept features survive the walk
+        bar.update(1)
+    bar.close()
+    return features, steps
+
+
+def _deviation(features: dict[str, torch.Tensor], forward: dict[str, torch.Tensor]) -> dict:
+    """Per node: ``||a* − â||`` (abs), relative to ``||â||`` (rel), and ``max |a* − â|`` (max), (N,) each."""
+    out = {}
+    for k, a in features.items():
+        d = a - forward[k]
+        N = d.shape[0]
+        out[k] = {
+            "abs": _flat_norm(d).cpu().numpy().astype(np.float64),
+            "rel": _rel(d, forward[k]),
+            "max": d.reshape(N, -1).abs().amax(1).cpu().numpy().astype(np.float64) if d[0].numel() else np.zeros(N),
+        }
+    return out
+
+
 def reconstruct(
     net: EquivalentNetwork,
     x: Any,
@@ -253,14 +371,14 @@ def reconstruct(
         Where to stop: ``"input"``, a node name, ``"U"`` / ``"U:in"`` / ``"U:out"`` for a unit
         layer U (module docstring).
     embedding : {"ne", "ma", "onehot"}
-        Output embedding: nearest embedding (L2, Algorithm 1), maximum assignment (L1,
-        Eq. 22) or the one-hot code (§4.2 ablation).
+        Output embedding (:func:`linop.reverse.embed`): nearest embedding (L2, Algorithm 1),
+        maximum assignment (L1, Eq. 22) or the one-hot code (§4.2 ablation).
     solver, tol, maxiter :
-        Passed to :func:`linop.solve` for every linear step (``solver`` is its ``method``).
+        Passed to :func:`linop.solvers.solve` for every linear step (``solver`` is its ``method``).
     clip_margin, relu :
-        Inverse activations (:func:`inverse.inverse_activation`).
+        Inverse activations (:func:`steps.inverse_activation`).
     maxpool : {"copy", "argmax", "nearest"}
-        Max-pooling reverse (:func:`inverse.unpool_max`; "copy" is the paper's).
+        Max-pooling reverse (:func:`steps.unpool_max`; "copy" is the paper's).
     avgpool : {"copy", "exact"}
         Average pooling with stride = kernel: copy back (the paper) or the exact MDP solve
         (other geometries are always solved exactly).
@@ -280,111 +398,20 @@ def reconstruct(
     -------
     Reconstruction
     """
-    if not isinstance(net, EquivalentNetwork):
-        raise ValueError(f"net must be an EquivalentNetwork (see linop.from_torch), got {type(net).__name__}")
-    if embedding not in EMBEDDINGS:
-        raise ValueError(f"embedding must be one of {EMBEDDINGS}, got {embedding!r}")
-    if maxpool not in inverse.MAXPOOL_MODES:
-        raise ValueError(f"maxpool must be one of {inverse.MAXPOOL_MODES}, got {maxpool!r}")
-    if avgpool not in inverse.AVGPOOL_MODES:
-        raise ValueError(f"avgpool must be one of {inverse.AVGPOOL_MODES}, got {avgpool!r}")
-    if fanout not in FANOUT:
-        raise ValueError(f"fanout must be one of {FANOUT}, got {fanout!r}")
-    if relu not in inverse.RELU_MODES:
-        raise ValueError(f"relu must be one of {inverse.RELU_MODES}, got {relu!r}")
-    if not (isinstance(tol, (int, float)) and tol > 0):
-        raise ValueError(f"tol must be a positive number, got {tol!r}")
-    # checked here, not at the first linear step: a chain without one would accept anything
-    if solver not in SOLVE_METHODS:
-        raise ValueError(f"solver must be one of {SOLVE_METHODS}, got {solver!r}")
-    if maxiter is not None and (isinstance(maxiter, bool) or not isinstance(maxiter, (int, np.integer))
-                                or maxiter < 1):
-        raise ValueError(f"maxiter must be a positive integer or None, got {maxiter!r}")
-    target = resolve_to_layer(net, to_layer)
-    out_name = net.output
-    out_node = net.node(out_name)
-    if len(out_node.out_shape) != 1:
-        raise ValueError(f"the output node {out_name!r} must be a vector of class scores, has shape {out_node.out_shape}")
-    ancestors = _ancestors(net, out_name)
-    if target not in ancestors:
-        raise ValueError(f"to_layer {to_layer!r} (node {target!r}) does not feed the output {out_name!r}")
-    on_path = ancestors & _descendants(net, target)
-    order = [n for n in net.nodes if n.name in on_path]  # topological
-    consumers = {n.name: [m.name for m in order if n.name in m.inputs] for n in order}
-    if fanout == "error":
-        for name, cs in consumers.items():
-            if len(cs) > 1:
-                raise NotImplementedError(
-                    f"node {name!r} feeds {len(cs)} nodes on the reverse path ({cs}); the greedy "
-                    f"reverse pass of seed 001 §3 is defined for chains — pass fanout='mean' to "
-                    f"average the reconstructed targets, or reconstruct to a layer above the branch"
-                )
-
+    _check_options(net, embedding, solver, tol, maxiter, maxpool, avgpool, relu, fanout)
+    plan = _plan(net, to_layer, fanout, keep)
     x = torch.as_tensor(x)
     if not x.is_floating_point() or x.dtype != net.dtype:
         x = x.to(net.dtype)
-    kept = {n.name for n in order} if keep is None else set(keep) | {target, out_name}
-    unknown = kept - {n.name for n in order}
-    if unknown:
-        raise ValueError(f"keep names nodes not on the reverse path: {sorted(unknown)}")
-    N = x.shape[0] if x.dim() > len(net.input_shape) else 1
-    need = {n.name for n in order} | {i for n in order for i in n.inputs}
-    # forward values of every node on the path live through the walk, plus the kept a*
-    per_sample = (sum(math.prod(net.node(k).out_shape) for k in need)
-                  + sum(math.prod(net.node(k).out_shape) for k in kept)) * x.element_size()
-    if max_bytes is not None and N * per_sample > max_bytes:
-        raise ValueError(
-            f"reconstruct: the forward values of {len(need)} nodes and a* of {len(kept)} for {N} samples need "
-            f"{N * per_sample / 2**30:.2f} GiB > max_bytes={max_bytes / 2**30:.2f} GiB; pass fewer "
-            f"samples (at most {max(1, max_bytes // per_sample)}), fewer nodes in keep=, or raise max_bytes"
-        )
-
+    _check_memory(net, plan, x, max_bytes)
     options = ReverseOptions(solver=solver, tol=tol, maxiter=maxiter, clip_margin=clip_margin, maxpool=maxpool,
                              avgpool=avgpool, relu=relu, keep_unchanged=keep_unchanged)
-    fwd = net.run(x, keep=need)
-    N = fwd[target].shape[0]
-    a_L = fwd[out_name]
-    yt = _labels(y, N, a_L.shape[1], a_L.device)
+    fwd = net.run(x, keep=plan.need)
+    a_L = fwd[plan.output]
+    yt = _labels(y, a_L.shape[0], a_L.shape[1], a_L.device)
     x_b = net.x_b.to(device=a_L.device, dtype=a_L.dtype)
-
-    star: dict[str, torch.Tensor] = {out_name: _embed(a_L, yt, embedding).to(a_L.dtype)}
-    pending: dict[str, list[torch.Tensor]] = {}
-    steps: list[StepReport] = []
-    features: dict[str, torch.Tensor] = {}
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=len(order) - 1, desc="reconstruct", disable=not progress, leave=False)
-    for node in reversed(order):
-        name = node.name
-        if name != out_name:
-            parts = pending.pop(name)
-            star[name] = parts[0] if len(parts) == 1 else torch.stack(parts).mean(0)
-        if name in kept:
-            features[name] = star[name]
-        if name == target:
-            break
-        t0 = time.perf_counter()
-        ins, report = node.reverse(star[name], fwd[name], [fwd[i] for i in node.inputs], x_b, options)
-        with torch.no_grad():
-            again = node.forward(ins, x_b)
-        report.consistency = _rel(again - star[name], star[name])
-        report.seconds = time.perf_counter() - t0
-        steps.append(report)
-        for inp, val in zip(node.inputs, ins):
-            if inp in on_path:
-                pending.setdefault(inp, []).append(val)
-        if name not in kept and name != out_name:
-            del star[name]  # bounded memory: only kept features survive the walk
-        bar.update(1)
-    bar.close()
-
+    z_L = embed(a_L, yt, norm=embedding).to(a_L.dtype)
+    features, steps = _walk(plan, fwd, z_L, x_b, options, progress)
     forward = {k: fwd[k] for k in features}
-    deviation = {}
-    for k, a in features.items():
-        d = a - forward[k]
-        deviation[k] = {
-            "abs": _flat_norm(d).cpu().numpy().astype(np.float64),
-            "rel": _rel(d, forward[k]),
-            "max": d.reshape(N, -1).abs().amax(1).cpu().numpy().astype(np.float64) if d[0].numel() else np.zeros(N),
-        }
-    return Reconstruction(target, out_name, features, forward, deviation, steps, yt, embedding)
+    return Reconstruction(plan.target, plan.output, features, forward, _deviation(features, forward), steps, yt,
+                          embedding)

@@ -18,14 +18,12 @@ from typing import Any
 
 import numpy as np
 import scipy.linalg
-import scipy.sparse
-import scipy.sparse.linalg as spla
 import torch
 
-from .. import backend
+from ..operators.adapt import as_operator, dense_array
 from .result import DEFAULT_MAX_BYTES
 
-__all__ = ["DenseSolver", "dense_matrix", "dense_bytes"]
+__all__ = ["DenseSolver", "dense_bytes", "check_dense_budget"]
 
 
 def dense_bytes(shape: tuple[int, int], itemsize: int = 8) -> int:
@@ -36,13 +34,8 @@ def dense_bytes(shape: tuple[int, int], itemsize: int = 8) -> int:
     return itemsize * (m * n + max(m * n, m * m if m <= n else m * n + n * n) + k * (m + n))
 
 
-def dense_matrix(W: Any, max_bytes: int = DEFAULT_MAX_BYTES) -> np.ndarray:
-    """The explicit float64 matrix of any supported W, after checking the memory budget."""
-    from ..operators.base import Operator
-
-    shape = tuple(int(s) for s in W.shape)
-    if len(shape) != 2:
-        raise ValueError(f"solve: W must be 2-D (n_out, n_in), got shape {shape}")
+def check_dense_budget(shape: tuple[int, int], max_bytes: int) -> None:
+    """MemoryError (before any allocation) when a dense factorisation of W exceeds ``max_bytes``."""
     need = dense_bytes(shape)
     if need > max_bytes:
         raise MemoryError(
@@ -50,17 +43,6 @@ def dense_matrix(W: Any, max_bytes: int = DEFAULT_MAX_BYTES) -> np.ndarray:
             f"{need / 2**30:.2f} GiB > budget {max_bytes / 2**30:.2f} GiB. Use method='cg', 'lsmr' or "
             "'fft-pcg' for large layers, solve a smaller layer / fewer channels, or raise max_bytes="
         )
-    if isinstance(W, np.ndarray) or isinstance(W, torch.Tensor) or (backend.is_cupy(W) and not hasattr(W, "tocsr")):
-        return np.array(backend.to_numpy(W), dtype=np.float64)
-    if isinstance(W, Operator):
-        return W.to_sparse(dtype=np.float64).toarray()
-    if scipy.sparse.issparse(W):
-        return W.toarray().astype(np.float64)
-    if backend.is_cupy(W):  # cupyx sparse
-        return backend.to_numpy(W.toarray()).astype(np.float64)
-    if isinstance(W, spla.LinearOperator):
-        return np.asarray(W.matmat(np.eye(shape[1])), dtype=np.float64)
-    raise ValueError(f"solve: unsupported W of type {type(W).__name__} for the dense method")
 
 
 class DenseSolver:
@@ -68,7 +50,7 @@ class DenseSolver:
 
     Parameters
     ----------
-    W : dense array / tensor, Operator, sparse matrix or LinearOperator
+    W : anything :func:`linop.operators.as_operator` accepts
         The layer's linear map (``n_out × n_in``), densified after a memory check.
     cond_limit : float
         Largest condition number of W accepted for the Cholesky route (MDP); beyond it the
@@ -91,7 +73,9 @@ class DenseSolver:
 
     def __init__(self, W: Any, cond_limit: float = 1e4, rtol: float | None = None,
                  max_bytes: int = DEFAULT_MAX_BYTES):
-        M = dense_matrix(W, max_bytes)
+        op = as_operator(W, "W")
+        check_dense_budget(op.shape, max_bytes)
+        M = dense_array(op)
         if not np.all(np.isfinite(M)):
             raise ValueError("solve: W contains NaN or inf")
         m, n = M.shape

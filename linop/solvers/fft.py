@@ -62,15 +62,10 @@ def small_lapack():
 __all__ = ["FFTConvSolver", "conv_spec"]
 
 
-def _pair(v: Any) -> tuple[int, int]:
-    if isinstance(v, (int, np.integer)):
-        return int(v), int(v)
-    v = tuple(int(x) for x in v)
-    return (v[0], v[0]) if len(v) == 1 else v  # type: ignore[return-value]
-
-
 def conv_spec(W: Any) -> tuple[torch.Tensor, tuple[int, int, int]]:
-    """``(weight, in_shape)`` of a Conv2d-like operator, refusing what the FFT path cannot do.
+    """``(weight, in_shape)`` of a :class:`~linop.operators.Conv2d`, refusing what the FFT path cannot do.
+
+    The applicability check of the ``fft``, ``fft-pcg`` and ``fft-exact`` methods.
 
     Raises
     ------
@@ -78,37 +73,23 @@ def conv_spec(W: Any) -> tuple[torch.Tensor, tuple[int, int, int]]:
         stride ≠ 1, padding ≠ 0, dilation ≠ 1 or groups ≠ 1 (seed 001 §3.2 covers only
         stride 1 without padding; use ``method="cg"``/``"lsmr"`` for those layers).
     ValueError
-        ``W`` is not a convolution.
+        ``W`` is not a ``Conv2d`` operator.
     """
-    weight = getattr(W, "weight", None)
-    in_shape = getattr(W, "in_shape", None)
-    if weight is None or in_shape is None or len(tuple(in_shape)) != 3:
+    from ..operators.conv import Conv2d
+
+    if not isinstance(W, Conv2d):
         raise ValueError(
             f"solve(method='fft'): W must be a Conv2d operator (weight, in_shape (C, H, W)), got {type(W).__name__}"
         )
-    w = backend.to_torch(weight)
-    if w.ndim != 4:
-        raise ValueError(f"solve(method='fft'): conv weight must be 4-D (C_out, C_in, kh, kw), got {tuple(w.shape)}")
-    stride = _pair(getattr(W, "stride", 1))
-    pad = getattr(W, "padding", 0)
-    pad = (int(pad),) * 4 if isinstance(pad, (int, np.integer)) else tuple(int(p) for p in pad)
-    dil = _pair(getattr(W, "dilation", 1))
-    groups = int(getattr(W, "groups", 1))
-    problems = []
-    if stride != (1, 1):
-        problems.append(f"stride={stride}")
-    if any(pad):
-        problems.append(f"padding={pad}")
-    if dil != (1, 1):
-        problems.append(f"dilation={dil}")
-    if groups != 1:
-        problems.append(f"groups={groups}")
+    problems = [f"{what}={val}" for what, val, ok in (
+        ("stride", W.stride, (1, 1)), ("padding", W.padding, (0, 0, 0, 0)), ("dilation", W.dilation, (1, 1)),
+        ("groups", W.groups, 1)) if val != ok]
     if problems:
         raise NotImplementedError(
             "solve(method='fft'/'fft-pcg'): the FFT path (seed 001 §3.2) needs stride 1, no padding, dilation 1 "
             f"and groups 1; this conv has {', '.join(problems)}. Use method='cg' or 'lsmr' (exact, any stride/padding)."
         )
-    return w, tuple(int(s) for s in in_shape)  # type: ignore[return-value]
+    return W.weight, tuple(int(s) for s in W.in_shape)  # type: ignore[return-value]
 
 
 class FFTConvSolver:
@@ -257,6 +238,13 @@ class FFTConvSolver:
             self._pre[which] = P
             self._pre[which + "_A"] = to(A)
         return P
+
+    def precondition(self, case: str) -> None:
+        """Build (once) the circulant preconditioner of ``case`` ("MDP" or "CCP") now, so that
+        its cost is paid up front (``fft-pcg`` otherwise builds it on first use)."""
+        if case not in ("MDP", "CCP"):
+            raise ValueError(f"FFTConvSolver.precondition: case must be 'MDP' or 'CCP', got {case!r}")
+        self._precond(case.lower())
 
     def WWt(self, y: torch.Tensor) -> torch.Tensor:
         """``W Wᵀ y = S (C Cᵀ) Sᵀ y``, one ``C_out × C_out`` product per frequency."""

@@ -16,29 +16,11 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import scipy.sparse
 import scipy.sparse.linalg as spla
 
-from .. import backend
+from ..operators.adapt import scipy_form
 
-__all__ = ["sparse_operator", "lsmr_correction"]
-
-
-def sparse_operator(W: Any):
-    """A CPU scipy form of W for LSMR/LSQR: CSR for Operators and sparse input, as is otherwise."""
-    from ..operators.base import Operator
-
-    if isinstance(W, Operator):
-        return W.to_sparse(dtype=np.float64)
-    if scipy.sparse.issparse(W):
-        return W.tocsr()
-    if backend.is_cupy(W):
-        if hasattr(W, "tocsr"):
-            return W.get().tocsr()
-        return backend.to_numpy(W)
-    if isinstance(W, spla.LinearOperator):
-        return W
-    return np.asarray(backend.to_numpy(W))
+__all__ = ["lsmr_correction"]
 
 
 def lsmr_correction(W: Any, r: np.ndarray, solver: str = "lsmr", tol: float = 1e-12,
@@ -50,7 +32,7 @@ def lsmr_correction(W: Any, r: np.ndarray, solver: str = "lsmr", tol: float = 1e
     """
     if solver not in ("lsmr", "lsqr"):
         raise ValueError(f"solve: solver must be 'lsmr' or 'lsqr', got {solver!r}")
-    A = sparse_operator(W)
+    A = scipy_form(W)  # explicit matrices as given, other operators as their CSR
     fn = spla.lsmr if solver == "lsmr" else spla.lsqr
     N = r.shape[0]
     out = np.zeros((N, A.shape[1]), dtype=np.float64)

@@ -1,39 +1,57 @@
-"""Reports of the verification study: tables, JSON / CSV files and figures.
+"""Reports of the three studies: tables (Markdown / CSV) and figures.
 
-This module only *presents* numbers that :mod:`linop.verify` computed:
+This module only *presents* numbers that the studies computed; files are written through
+:mod:`linop.studies.store` (atomically: an interrupted run never leaves half a table).
 
-* :func:`markdown_table` — the layer × dtype table of seed 000 Tables 3–4 (units, zeros,
-  share of units with |ε| ≤ 1 %, max and median |ε|);
+Verification (seed 000, :mod:`linop.studies.verify`):
+
+* :func:`markdown_table` — the layer × dtype table of Tables 3–4 (units, zeros, share of
+  units with |ε| ≤ 1 %, max and median |ε|);
 * :func:`criteria_lines` — one PASS/FAIL line per dtype against the paper's criteria;
-* :func:`write_json` / :func:`write_csv` — atomic writes (an interrupted run never leaves a
-  half-written summary behind);
-* :func:`plot_error_histograms` — per-layer histograms of log10|ε| (seed 000 Figs. 6–11);
-* :func:`plot_feature_maps` — original c, reconstructed ĉ, difference and normalised
-  difference of a few channels of one layer for one image (seed 000 Fig. E.1).
+* :func:`plot_error_histograms` — per-layer histograms of log10|ε| (Figs. 6–11);
+* :func:`plot_feature_maps` — c, ĉ, ĉ − c and the normalised difference (Fig. E.1).
 
-Figures use matplotlib's Agg backend (no display needed).
+Reconstruction (seed 001 §3, :mod:`linop.studies.reconstruct`):
+
+* :func:`reconstruction_table` — one line per reverse step (case, method, consistency,
+  deviation of a* from â);
+* :func:`plot_discrepancy` — |â_l − a*_l| per channel (Fig. 4).
+
+Post-training (seed 001 §4, :mod:`linop.studies.posttrain`):
+
+* :func:`posttrain_markdown` — the layout of Tables 1–6 (mean ± std per reported epoch);
+* :func:`plot_pairs` — FR-PT box plots per (l_S, l_R) (Fig. 6);
+* :func:`plot_embeddings` — the output-embedding ablation with 95 % intervals (Fig. 5).
+
+Shared: :func:`write_csv`.  Figures are drawn on matplotlib's Agg canvas (no display, no
+global backend change).
 """
 from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
+from .store import atomic_write_bytes
+
 __all__ = [
     "TABLE_COLUMNS",
-    "atomic_write_bytes",
-    "write_json",
-    "write_csv",
-    "markdown_table",
     "criteria_lines",
+    "markdown_table",
+    "plot_discrepancy",
+    "plot_embeddings",
     "plot_error_histograms",
     "plot_feature_maps",
+    "plot_pairs",
+    "posttrain_markdown",
+    "reconstruction_table",
+    "write_csv",
 ]
 
 # (key in a summary row, header in the Markdown / CSV table)
@@ -50,44 +68,6 @@ TABLE_COLUMNS: tuple[tuple[str, str], ...] = (
 
 
 # ---------------------------------------------------------------------------- files
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file and ``os.replace`` (atomic on
-    POSIX), so a reader or an interrupted run sees either the old or the new file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-    os.replace(tmp, path)
-    return path
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        f = float(obj)
-        # JSON has no inf / nan: write them as strings rather than invalid JSON
-        return f if math.isfinite(f) else str(f)
-    if isinstance(obj, (np.bool_,)):
-        return bool(obj)
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
-
-
-def write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """Atomically write ``obj`` as indented JSON (inf / nan become strings)."""
-    text = json.dumps(_jsonable(obj), indent=2, ensure_ascii=False, allow_nan=False)
-    return atomic_write_bytes(path, (text + "\n").encode("utf-8"))
-
-
 def write_csv(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> Path:
     """Atomically write summary rows as CSV (full float precision, ``repr`` of floats)."""
     if columns is None:
@@ -171,13 +151,14 @@ def criteria_lines(rows: Sequence[Mapping[str, Any]], criteria: Mapping[str, flo
 
 
 # ---------------------------------------------------------------------------- figures
-def _pyplot():
-    import matplotlib
+def _figure(figsize: tuple[float, float]):
+    """A matplotlib Figure on its own Agg canvas (no pyplot state, no global backend change)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig
 
 
 def plot_error_histograms(
@@ -198,11 +179,11 @@ def plot_error_histograms(
     log10_edges : edges of the regular bins in log10|ε|.
     rebin : merge this many fine bins per bar (the fine bins exist for the exact median).
     """
-    plt = _pyplot()
     layers = list(hists)
     ncol = min(3, max(1, len(layers)))
     nrow = math.ceil(len(layers) / ncol)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 3.0 * nrow), squeeze=False)
+    fig = _figure((4.2 * ncol, 3.0 * nrow))
+    axes = fig.subplots(nrow, ncol, squeeze=False)
     edges = np.asarray(log10_edges, dtype=np.float64)
     nb = len(edges) - 1
     for ax, layer in zip(axes.flat, layers):
@@ -270,7 +251,6 @@ def plot_feature_maps(
 
     ``c`` and ``c_hat`` have the layer's shape (C, H, W); ``channels`` selects the maps.
     """
-    plt = _pyplot()
     c = np.asarray(c, dtype=np.float64)
     c_hat = np.asarray(c_hat, dtype=np.float64)
     if c.ndim != 3 or c.shape != c_hat.shape:
@@ -284,7 +264,8 @@ def plot_feature_maps(
     names = ["original c", "reconstructed ĉ", "difference ĉ − c", "normalised (ĉ − c) / max|c|"]
     per_row = max(1, min(per_row, ch.size))
     vmin, vmax = float(min(c[ch].min(), c_hat[ch].min())), float(max(c[ch].max(), c_hat[ch].max()))
-    fig, axes = plt.subplots(1, 4, figsize=(16, 4.4))
+    fig = _figure((16, 4.4))
+    axes = fig.subplots(1, 4)
     for i, (ax, p, name) in enumerate(zip(axes, panels, names)):
         img = _mosaic(p, per_row)
         if i < 3:
@@ -302,9 +283,171 @@ def plot_feature_maps(
     return _savefig(fig, path)
 
 
-def _savefig(fig, path) -> Path:
-    plt = _pyplot()
+def _savefig(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
+    fig.savefig(buf, format="png", dpi=dpi)
     return atomic_write_bytes(path, buf.getvalue())
+
+
+# ---------------------------------------------------------------------------- reconstruction
+def reconstruction_table(summary: Mapping[str, Any], to_layer: str) -> str:
+    """One line per reverse step of a reconstruction summary (``Reconstruction.summary()``):
+    node, step kind, MDP/CCP case, solver method, consistency, clipped units and the
+    deviation of a* from â at that node; then the ``to_layer`` line and a legend."""
+    header = (f"{'node':<22}{'step':<16}{'case':<12}{'method':<16}{'consist. max':>13}{'clipped':>9}"
+              f"{'rel dev mean':>14}{'rel dev max':>13}")
+    lines = [header]
+    nan = float("nan")
+    for s in summary["steps"]:
+        dv = summary["deviation"].get(s["node"], {})
+        clip = str(s["n_clipped"]) if "n_clipped" in s else "-"
+        lines.append(f"{s['node']:<22}{s['kind']:<16}{s['case'] or '-'!s:<12}{s['method'] or '-'!s:<16}"
+                     f"{s['consistency_max']:>13.2e}{clip:>9}{dv.get('rel_mean', nan):>14.3e}"
+                     f"{dv.get('rel_max', nan):>13.3e}")
+    dv = summary["deviation"][to_layer]
+    lines.append(f"{to_layer:<22}{'(to_layer)':<16}{'':<12}{'':<16}{'':>13}{'':>9}{dv['rel_mean']:>14.3e}"
+                 f"{dv['rel_max']:>13.3e}")
+    lines.append("consist. = ||f(a*_in) - z*|| / ||z*|| per step (0 / ~1e-15: exact; CCP steps and clipped "
+                 "activations cannot be exact); rel dev = ||a* - â|| / ||â|| of the node's feature")
+    return "\n".join(lines)
+
+
+def plot_discrepancy(rec: Any, node: str, path: str | os.PathLike, sample: int = 0, max_channels: int = 32) -> Path:
+    """|â_l − a*_l| per channel for one sample of a ``Reconstruction`` (seed 001 Fig. 4).
+
+    A (C, H, W) feature gives one panel per channel (up to ``max_channels``) on a shared
+    colour scale; a vector gives a single strip."""
+    if node not in rec.features:
+        raise ValueError(f"node {node!r} was not reconstructed/kept; available: {sorted(rec.features)}")
+    N = rec.features[node].shape[0]
+    if not (0 <= sample < N):
+        raise ValueError(f"sample must be in [0, {N}), got {sample}")
+    d = (rec.forward[node][sample] - rec.features[node][sample]).abs().detach().cpu().double().numpy()
+    if d.ndim == 1:
+        d = d[None, None, :]
+    elif d.ndim == 2:
+        d = d[None]
+    C = min(d.shape[0], max_channels)
+    cols = min(C, 8)
+    rows = -(-C // cols)
+    size = (max(1.8 * cols + 1.0, 5.5), 1.8 * rows + 0.8) if d.shape[1] > 1 else (8.0, 2.4)
+    fig = _figure(size)
+    fig.subplots_adjust(top=1.0 - 0.7 / size[1], right=0.85)  # room for the two-line title
+    vmax = float(d[:C].max()) or 1.0
+    im = None
+    for c in range(C):  # one panel per channel (a few dozen at most)
+        ax = fig.add_subplot(rows, cols, c + 1)
+        im = ax.imshow(d[c], cmap="jet", vmin=0.0, vmax=vmax, interpolation="nearest",
+                       aspect="auto" if d.shape[1] == 1 else "equal")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if C > 1:
+            ax.set_title(f"ch {c}", fontsize=7)
+    fig.colorbar(im, cax=fig.add_axes((0.88, 0.15, 0.02, 0.6)))
+    rel = float(rec.deviation[node]["rel"][sample])
+    fig.suptitle(f"|â − a*| at {node}\n(sample {sample}, label {int(rec.labels[sample])}, rel. dev. {rel:.3g})",
+                 fontsize=9)
+    return _savefig(fig, path)
+
+
+# ---------------------------------------------------------------------------- post-training
+def posttrain_markdown(rows: Sequence[Mapping[str, Any]], report_epochs: Sequence[int], baseline_acc: float,
+                       title: str = "") -> str:
+    """Seed 001 Tables 1–6: one row per (method, l_S, l_R), mean ± std test accuracy per
+    reported epoch; the better method per pair and epoch in bold."""
+    best: dict[tuple, float] = {}
+    for r in rows:
+        for e in report_epochs:
+            k = (r["l_S"], r["l_R"], e)
+            best[k] = max(best.get(k, -1.0), r[f"epoch{e}_mean"])
+    head = "| PT (l_S, l_R) | #paras | Mem (MB, est.) | " + " | ".join(f"epoch{e}" for e in report_epochs) + " |"
+    sep = "|" + "---|" * (3 + len(report_epochs))
+    lines = [title, ""] if title else []
+    lines += [f"Baseline test accuracy: {baseline_acc:.3f}%", "", head, sep]
+    for r in rows:
+        cells = []
+        for e in report_epochs:
+            m, s = r[f"epoch{e}_mean"], r[f"epoch{e}_std"]
+            txt = f"{m:.3f} ± {s:.3f}"
+            cells.append(f"**{txt}**" if m == best[(r["l_S"], r["l_R"], e)] else txt)
+        lines.append(f"| {r['pt']} | {r['n_params']} | {r['mem_mb']:.3f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _accuracies(records: Sequence[Mapping[str, Any]], epoch: int, method: str, pair: tuple[int, int],
+                embedding: str | None = None) -> list[float]:
+    """Test accuracies after ``epoch`` of the runs of one method (and embedding) on ``pair``."""
+    return [r["test_acc"][epoch - 1] for r in records
+            if r["method"] == method and (r["l_S"], r["l_R"]) == pair
+            and (embedding is None or r["embedding"] == embedding)]
+
+
+def plot_pairs(records: Sequence[Mapping[str, Any]], baseline_acc: float, report_epochs: Sequence[int],
+               path: str | os.PathLike, embedding: str) -> Path | None:
+    """Seed 001 Fig. 6 with the (l_S, l_R) pairs as columns: FR-PT box plots at the reported
+    epochs, the BP-PT mean at the last epoch (gray) and the baseline (black).  ``None`` (no
+    file) when there is no FR-PT run with ``embedding``."""
+    pairs = sorted({(r["l_S"], r["l_R"]) for r in records if r["method"] == "FR" and r["embedding"] == embedding},
+                   key=lambda p: (p[1], p[0]))
+    if not pairs:
+        return None
+    colours = ["tab:green", "tab:blue", "tab:red", "tab:purple", "tab:orange"]
+    fig = _figure((max(5.0, 1.2 * len(pairs) + 2), 4.0))
+    ax = fig.subplots()
+    width = 0.8 / max(1, len(report_epochs))
+    for j, e in enumerate(report_epochs):
+        data = [_accuracies(records, e, "FR", p, embedding) for p in pairs]
+        pos = [i + (j - (len(report_epochs) - 1) / 2) * width for i in range(len(pairs))]
+        bp = ax.boxplot(data, positions=pos, widths=width * 0.9, patch_artist=True, manage_ticks=False)
+        for b in bp["boxes"]:
+            b.set_facecolor(colours[j % len(colours)])
+            b.set_alpha(0.6)
+        ax.plot([], [], color=colours[j % len(colours)], lw=6, alpha=0.6, label=f"FR-PT epoch {e}")
+    last = report_epochs[-1]
+    bp_means = [np.mean(v) if (v := _accuracies(records, last, "BP", p)) else np.nan for p in pairs]
+    ax.plot(range(len(pairs)), bp_means, "o-", color="gray", label=f"BP-PT epoch {last} (mean)")
+    ax.axhline(baseline_acc, color="black", lw=1.5, label="baseline")
+    ax.set_xticks(range(len(pairs)))
+    ax.set_xticklabels([f"({s},{r})" for s, r in pairs])
+    ax.set_xlabel("(l_S, l_R)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"FR-PT ({embedding.upper()}) vs BP-PT per (l_S, l_R)")
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    return _savefig(fig, path, dpi=120)
+
+
+def plot_embeddings(records: Sequence[Mapping[str, Any]], baseline_acc: float, l_S: int, l_R: int, epoch: int,
+                    path: str | os.PathLike, embeddings: Sequence[str] = ("ma", "ne", "onehot")) -> Path | None:
+    """Seed 001 Fig. 5: mean test accuracy with a 95 % Student-t interval per output embedding
+    for the pair ``(l_S, l_R)``, BP-PT as reference.  ``None`` (no file) with fewer than two
+    embeddings to compare."""
+    from scipy import stats
+
+    groups = {}
+    for emb in embeddings:
+        if v := _accuracies(records, epoch, "FR", (l_S, l_R), emb):
+            groups[emb.upper() if emb != "onehot" else "one-hot"] = v
+    if len(groups) < 2:
+        return None
+    if bp := _accuracies(records, epoch, "BP", (l_S, l_R)):
+        groups["BP-PT"] = bp
+    names = list(groups)
+    means = [float(np.mean(groups[k])) for k in names]
+    half = []
+    for k in names:
+        v = np.asarray(groups[k], dtype=np.float64)
+        half.append(float(stats.t.ppf(0.975, v.size - 1) * v.std(ddof=1) / math.sqrt(v.size)) if v.size > 1 else 0.0)
+    fig = _figure((4.5, 3.5))
+    ax = fig.subplots()
+    ax.bar(names, means, yerr=half, capsize=5, color=["tab:red", "tab:blue", "tab:gray", "silver"][: len(names)])
+    ax.axhline(baseline_acc, color="black", lw=1.2, label="baseline")
+    lo = min(m - h for m, h in zip(means, half))
+    hi = max(m + h for m, h in zip(means, half))
+    pad = max(0.05, 0.5 * (hi - lo))
+    ax.set_ylim(min(lo, baseline_acc) - pad, max(hi, baseline_acc) + pad)
+    ax.set_ylabel(f"test accuracy (%) after epoch {epoch}")
+    ax.set_title(f"Output embedding ablation, FR-PT({l_S},{l_R}), 95% CI", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _savefig(fig, path, dpi=120)

@@ -16,9 +16,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .operators import AvgPool2d, Chain, Conv2d, ReLUMask, dottest
+from ..operators import AvgPool2d, Chain, Conv2d, ReLUMask, dottest
 
-__all__ = ["add_arguments", "run", "demo_input"]
+__all__ = ["add_arguments", "demo_input", "run"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,8 +1,11 @@
-"""The ``linop`` command line.
+"""The ``linop`` command line: ``linop COMMAND [options]``.
 
-Each subcommand lives in the module that implements it; that module exposes
-``add_arguments(parser)`` and ``run(args) -> int``.  Modules are imported only when their
-subcommand is used, so ``linop --help`` stays fast.
+One module per command under ``linop.cli`` (``demo``, ``train``, ``verify``, ``reconstruct``,
+``posttrain``), each exposing ``add_arguments(parser)`` and ``run(args) -> int``.  This is the
+application layer: it alone loads checkpoints and data sets (from the ``models`` package
+shipped beside ``linop``, see :mod:`linop.cli._models`) and hands objects to the studies
+(:mod:`linop.studies`).  A command's module — and with it torch, numpy and the rest — is
+imported only when that command runs, so ``linop --help`` answers at once.
 """
 from __future__ import annotations
 
@@ -10,15 +13,18 @@ import argparse
 import importlib
 import os
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["COMMANDS", "USER_ERRORS", "build_parser", "main", "run_command"]
 
 # name -> (module, one-line help)
 COMMANDS = {
-    "demo": ("linop.demo", "small operator demo: sparse conv == torch conv, adjoint check"),
-    "train": ("models.train", "train a reference model on a data set and save a checkpoint"),
-    "verify": ("linop.studies.verify", "AdjointBackMapV2 verification study (seed 000 Tables 3-4, Fig. 6)"),
-    "reconstruct": ("linop.studies.reconstruct", "reconstruct feature maps from labels (seed 001 §3)"),
-    "posttrain": ("models.posttrain", "FR-PT vs BP-PT post-training study (seed 001 §4)"),
+    "demo": ("linop.cli.demo", "small operator demo: sparse conv == torch conv, adjoint check"),
+    "train": ("linop.cli.train", "train a reference model on a data set and save a checkpoint"),
+    "verify": ("linop.cli.verify", "AdjointBackMapV2 verification study (seed 000 Tables 3-4, Fig. 6)"),
+    "reconstruct": ("linop.cli.reconstruct", "reconstruct feature maps from labels (seed 001 §3)"),
+    "posttrain": ("linop.cli.posttrain", "FR-PT vs BP-PT post-training study (seed 001 §4)"),
 }
 
 
@@ -45,18 +51,19 @@ def run_command(prog: str, run: Callable[[Any], Any], args: Any) -> int:
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; only the module of the subcommand named first in ``argv`` is imported."""
     parser = argparse.ArgumentParser(prog="linop", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     argv = sys.argv[1:] if argv is None else list(argv)
     for name, (module, help_) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)
-        # only import the module of the subcommand actually requested
         if argv and argv[0] == name:
             importlib.import_module(module).add_arguments(p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``linop`` / ``python -m linop``; returns the exit status."""
     parser = build_parser(argv)  # argv, not sys.argv, when given: no global side effect
     args = parser.parse_args(argv)
     if not args.command:
@@ -64,7 +71,3 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module = importlib.import_module(COMMANDS[args.command][0])
     return run_command(f"linop {args.command}", module.run, args)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -16,7 +16,7 @@ the forward feature map of the module being trained.  The reductions are the tor
 the paper's names refer to: ``CrossEntropy`` is averaged over the batch, ``MSE`` over every
 element of the batch of feature maps (``torch.nn.MSELoss()``).  The §4.2 ablation replaces
 the reconstruction term by ``L1Loss`` for the MA embedding (the L1 optimum), which
-:func:`rec_loss_for_embedding` encodes.
+:func:`rec_loss_for_embedding` encodes.  Used by :mod:`linop.studies.posttrain`.
 
 Only the paper's fixed-weight formula (Eq. 3) is implemented here; no adaptive weighting.
 """
@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["fr_pt_loss", "rec_loss_for_embedding", "REC_LOSSES"]
+__all__ = ["REC_LOSSES", "fr_pt_loss", "rec_loss_for_embedding"]
 
 REC_LOSSES = ("mse", "l1")
 

@@ -1,0 +1,20 @@
+"""``linop train``: train a reference model on a data set and save a checkpoint.
+
+The options and the training loop are those of ``python -m models.train`` (the ``models``
+package owns its training code); this module only wires them into ``linop``.
+"""
+from __future__ import annotations
+
+import argparse
+
+from ._models import models_module
+
+__all__ = ["add_arguments", "run"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    models_module("train").add_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    return models_module("train").run(args)

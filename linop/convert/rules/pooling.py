@@ -1,0 +1,158 @@
+"""Pooling and spatial means (seed 000 Table D.1: average pooling is linear, max pooling a
+selection by argmax).
+
+``nn.AvgPool2d`` / ``F.avg_pool2d`` -> LinearNode ``AvgPool2d``; ``nn.MaxPool2d`` /
+``F.max_pool2d`` -> :class:`~linop.network.MaxPoolNode`; adaptive pools with even windows ->
+``AvgPool2d`` / ``GlobalAvgPool2d`` / MaxPoolNode; ``x.mean((2, 3))`` -> ``GlobalAvgPool2d``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from ...network import MaxPoolNode
+from ...operators.conv import pair
+from ..context import Context, TensorValue
+from ..errors import node_source
+from ..registry import rule
+
+_AVG_ARGS = (["kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
+              "divisor_override"], [None, None, 0, False, True, None])
+_MAX_ARGS = (["kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"],
+             [None, None, 0, 1, False, False])
+
+
+def _pair_arg(v: Any, name: str, minimum: int) -> tuple[int, int]:
+    """:func:`~linop.operators.conv.pair`, also accepting torch's one-element lists."""
+    if isinstance(v, (tuple, list)) and len(v) == 1:
+        v = v[0]
+    return pair(v, name, minimum)
+
+
+def _window(kernel_size: Any, stride: Any) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Kernel and stride pairs; torch's default stride (None or empty) is the kernel."""
+    k = _pair_arg(kernel_size, "kernel_size", 1)
+    s = k if stride is None or stride == [] or stride == () else _pair_arg(stride, "stride", 1)
+    return k, s
+
+
+def _spatial_input(ctx: Context, node: fx.Node, what: str) -> TensorValue:
+    x = ctx.tensor(node, node.args[0])
+    if len(x.shape) != 3:
+        ctx.fail(node, f"{what} needs (C, H, W), got {x.shape}")
+    return x
+
+
+def avg_pool(ctx: Context, node: fx.Node, kernel_size, stride, padding, ceil_mode,
+             count_include_pad, divisor_override) -> TensorValue:
+    from ...operators.pool import AvgPool2d
+
+    x = _spatial_input(ctx, node, "AvgPool2d")
+    k, s = _window(kernel_size, stride)
+    op = AvgPool2d(x.shape, k, s, _pair_arg(padding, "padding", 0),
+                   count_include_pad=bool(count_include_pad), ceil_mode=bool(ceil_mode),
+                   divisor_override=divisor_override)
+    return ctx.linear(node, x, op)
+
+
+def max_pool(ctx: Context, node: fx.Node, kernel_size, stride, padding, dilation, ceil_mode,
+             return_indices) -> TensorValue:
+    x = ctx.tensor(node, node.args[0])
+    if return_indices:
+        ctx.fail(node, "max pooling with return_indices=True")
+    if len(x.shape) != 3:
+        ctx.fail(node, f"MaxPool2d needs (C, H, W), got {x.shape}")
+    k, s = _window(kernel_size, stride)
+    return ctx.add(MaxPoolNode(node.name, (x.name,), ctx.shape_of(node), node_source(node),
+                               kernel_size=k, stride=s, padding=_pair_arg(padding, "padding", 0),
+                               dilation=_pair_arg(dilation, "dilation", 1),
+                               ceil_mode=bool(ceil_mode)))
+
+
+def adaptive(ctx: Context, node: fx.Node, output_size: Any, kind: str) -> TensorValue:
+    """Adaptive pooling with even windows: an ordinary pool of kernel = stride = H / out."""
+    x = _spatial_input(ctx, node, "adaptive pooling")
+    osz = output_size if isinstance(output_size, (tuple, list)) else (output_size,) * 2
+    osz = tuple(x.shape[1 + i] if o is None else int(o) for i, o in enumerate(osz))
+    H, W = x.shape[1:]
+    if H % osz[0] or W % osz[1]:
+        ctx.fail(node, f"adaptive pooling {H}x{W} -> {osz[0]}x{osz[1]} with uneven windows")
+    k = (H // osz[0], W // osz[1])
+    if kind == "max":
+        return max_pool(ctx, node, k, k, 0, 1, False, False)
+    from ...operators.pool import AvgPool2d, GlobalAvgPool2d
+
+    if osz == (1, 1):
+        return ctx.linear(node, x, GlobalAvgPool2d(x.shape, keepdim=True))
+    return ctx.linear(node, x, AvgPool2d(x.shape, k, k, (0, 0)))
+
+
+# ---------------------------------------------------------------------------- registrations
+@rule(nn.AvgPool2d)
+def avg_pool_module(ctx: Context, node: fx.Node) -> TensorValue:
+    m = ctx.module_call(node)
+    return avg_pool(ctx, node, m.kernel_size, m.stride, m.padding, m.ceil_mode,
+                    m.count_include_pad, m.divisor_override)
+
+
+@rule(F.avg_pool2d)
+def avg_pool_function(ctx: Context, node: fx.Node) -> TensorValue:
+    return avg_pool(ctx, node, *ctx.args(node, *_AVG_ARGS))
+
+
+@rule(nn.MaxPool2d)
+def max_pool_module(ctx: Context, node: fx.Node) -> TensorValue:
+    m = ctx.module_call(node)
+    return max_pool(ctx, node, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode,
+                    m.return_indices)
+
+
+@rule(F.max_pool2d)
+def max_pool_function(ctx: Context, node: fx.Node) -> TensorValue:
+    return max_pool(ctx, node, *ctx.args(node, *_MAX_ARGS))
+
+
+@rule(nn.AdaptiveAvgPool2d)
+def adaptive_avg_module(ctx: Context, node: fx.Node) -> TensorValue:
+    return adaptive(ctx, node, ctx.module_call(node).output_size, "avg")
+
+
+@rule(F.adaptive_avg_pool2d)
+def adaptive_avg_function(ctx: Context, node: fx.Node) -> TensorValue:
+    return adaptive(ctx, node, ctx.args(node, ["output_size"], [None])[0], "avg")
+
+
+@rule(nn.AdaptiveMaxPool2d)
+def adaptive_max_module(ctx: Context, node: fx.Node) -> TensorValue:
+    m = ctx.module_call(node)
+    if m.return_indices:
+        ctx.fail(node, "return_indices=True is not supported")
+    return adaptive(ctx, node, m.output_size, "max")
+
+
+@rule(F.adaptive_max_pool2d)
+def adaptive_max_function(ctx: Context, node: fx.Node) -> TensorValue:
+    osz, ri = ctx.args(node, ["output_size", "return_indices"], [None, False])
+    if ri:
+        ctx.fail(node, "return_indices=True is not supported")
+    return adaptive(ctx, node, osz, "max")
+
+
+@rule(torch.mean, "mean")
+def mean(ctx: Context, node: fx.Node) -> TensorValue:
+    """The spatial mean ``x.mean((2, 3), keepdim=...)`` of an (N, C, H, W) tensor."""
+    from ...operators.pool import GlobalAvgPool2d
+
+    x = ctx.tensor(node, node.args[0])
+    dim, keepdim = ctx.args(node, ["dim", "keepdim"], [None, False])
+    if node.kwargs.get("dtype") is not None:
+        ctx.fail(node, "mean with a dtype argument")
+    if len(x.shape) != 3 or dim is None:
+        ctx.fail(node, "only the spatial mean x.mean((2, 3)) of (N, C, H, W) is supported")
+    dims = sorted(int(d) % 4 for d in (dim if isinstance(dim, (tuple, list)) else (dim,)))
+    if dims != [2, 3]:
+        ctx.fail(node, f"mean over dims {dim} (only the spatial axes (2, 3))")
+    return ctx.linear(node, x, GlobalAvgPool2d(x.shape, keepdim=bool(keepdim)))
