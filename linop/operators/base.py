@@ -106,6 +106,16 @@ class Operator(spla.LinearOperator):
             self._param_cache[key] = t
         return t
 
+    def _index(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        """Integer table ``name`` (a CPU tensor attribute, e.g. a selection's indices) on
+        ``like``'s device — moved, never cast to the data's dtype; cached per device."""
+        key = (name, like.device)
+        t = self._param_cache.get(key)
+        if t is None:
+            t = getattr(self, name).to(like.device)
+            self._param_cache[key] = t
+        return t
+
     # ----------------------------------------------------------------- torch path
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """Batched forward ``y = A x`` on a tensor of shape ``(N, *in_shape)``.

@@ -44,14 +44,6 @@ class ChannelPermutation(Operator):
         self.inverse = torch.argsort(self.perm)
         super().__init__(ins, ins, dtype=numpy_dtype(dtype))
 
-    def _index(self, name: str, like: torch.Tensor) -> torch.Tensor:
-        key = (name, like.device)
-        t = self._param_cache.get(key)
-        if t is None:
-            t = getattr(self, name).to(like.device)
-            self._param_cache[key] = t
-        return t
-
     def _apply(self, x: torch.Tensor) -> torch.Tensor:
         return x.index_select(1, self._index("perm", x))
 

@@ -258,22 +258,14 @@ class MaxPool2d(Operator):
 
     def _apply(self, x):
         n = x.shape[0]
-        return x.reshape(n, -1).index_select(1, self._param_index(x)).reshape((n,) + self.out_shape)
+        return x.reshape(n, -1).index_select(1, self._index("index", x)).reshape((n,) + self.out_shape)
 
     def _apply_adjoint(self, y):
         n = y.shape[0]
         z = y.new_zeros((n, self.shape[1]))
         # overlapping windows may select the same input twice: accumulate
-        z.index_add_(1, self._param_index(y), y.reshape(n, -1))
+        z.index_add_(1, self._index("index", y), y.reshape(n, -1))
         return z.reshape((n,) + self.in_shape)
-
-    def _param_index(self, like: torch.Tensor) -> torch.Tensor:
-        key = ("index", like.device)
-        t = self._param_cache.get(key)
-        if t is None:
-            t = self.index.to(like.device)
-            self._param_cache[key] = t
-        return t
 
     def _coo(self):
         n = self.shape[0]

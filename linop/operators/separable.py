@@ -135,14 +135,6 @@ class SeparableOperator(Operator):
         super().__init__((C, H, W), (C, taps_h.n_out, taps_w.n_out), dtype=numpy_dtype(dtype))
 
     # ------------------------------------------------------------------ torch path
-    def _index(self, name: str, like: torch.Tensor) -> torch.Tensor:
-        key = (name, like.device)  # integer tables: move, never cast to the data dtype
-        t = self._param_cache.get(key)
-        if t is None:
-            t = getattr(self, name).to(like.device)
-            self._param_cache[key] = t
-        return t
-
     def _apply(self, x: torch.Tensor) -> torch.Tensor:
         # along W, then along H: a gather for selection axes, else a product with the small
         # dense 1-D matrix (BLAS beats a K-tap gather; the zeros it adds are exact)
