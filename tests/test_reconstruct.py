@@ -1,4 +1,4 @@
-"""Reverse pass of seed 001 §3: inverse steps (linop.inverse) and linop.reconstruct.
+"""Reverse pass of seed 001 §3: inverse steps (linop.reverse.steps) and linop.reconstruct.
 
 Everything is float64.  Tolerances: a reverse step that is exact in exact arithmetic
 (inverse activation, copy-back, MDP solve) is checked to ~1e-10 relative — a few thousand

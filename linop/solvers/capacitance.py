@@ -1,7 +1,7 @@
 """Exact reverse convolution step on top of the FFT: the capacitance-matrix method (``fft-exact``).
 
 Beyond seed 001 §3.2.  For a stride-1, unpadded convolution the layer is exactly ``W = S C``
-(see :mod:`linop.solve.fft`): ``C`` the circular convolution on the ``H × W`` torus (one
+(see :mod:`linop.solvers.fft`): ``C`` the circular convolution on the ``H × W`` torus (one
 ``C_out × C_in`` matrix ``K̂(ω)`` per frequency) and ``S`` the selection of the valid outputs
 ``V``.  The paper's FFT answer is ``C⁺ Sᵀ r`` (boundary term frozen at ``â``); the exact
 minimum-norm answer ``δ* = (S C)⁺ r`` differs only through the boundary set ``B`` (the

@@ -16,7 +16,7 @@ the same code runs on CPU tensors, CUDA tensors and (through DLPack, see
   when ``||Wᵀ (r − W δ)|| ≤ tol·||Wᵀ r||``.
 
 Both take an optional symmetric positive definite preconditioner ``M`` (for ``craig`` an
-approximation of ``(W Wᵀ)⁻¹``, for ``cgls`` of ``(Wᵀ W)⁻¹``); :mod:`linop.solve.fft` builds
+approximation of ``(W Wᵀ)⁻¹``, for ``cgls`` of ``(Wᵀ W)⁻¹``); :mod:`linop.solvers.fft` builds
 the circulant (FFT) one used by ``method="fft-pcg"``.  With a preconditioner, ``craig``
 still returns ``δ = Wᵀ y`` (in ``range(Wᵀ)``, hence minimum-norm); ``cgls`` returns the
 unique least-squares solution when W has full column rank.
