@@ -52,6 +52,7 @@ import torch
 
 from .network.graph import EquivalentNetwork, LinearNode
 from .linearize import Linearisation, check_piecewise_linear, linearise
+from . import validate
 from .utils import gib, parse_memory
 
 __all__ = ["BackMap", "backmap", "reconstructed_activations", "MODES"]
@@ -99,14 +100,8 @@ def _conv_like(net: EquivalentNetwork, layer: str) -> tuple[LinearNode, tuple[in
 
 
 def _select(units: Any, n: int, what: str) -> torch.Tensor:
-    if units is None:
-        return torch.arange(n)
-    if isinstance(units, slice):
-        return torch.arange(n)[units]
-    u = torch.as_tensor(np.asarray(units), dtype=torch.long).reshape(-1)
-    if u.numel() and (int(u.min()) < 0 or int(u.max()) >= n):
-        raise ValueError(f"units must be {what} in [0, {n}), got values in [{int(u.min())}, {int(u.max())}]")
-    return u
+    """The selection through the one validation of unit selections (:func:`linop.validate.units`)."""
+    return validate.units(units, n, "units", what)
 
 
 def backmap(
@@ -130,9 +125,13 @@ def backmap(
     x : one input, shape ``input_shape`` or ``(1, *input_shape)`` (None with ``linearisation``)
     layer : unit layer name (``net.unit_layers``: "Conv0" … "FC")
     mode : "RM0" … "RM4" (see the module docstring for the layouts)
-    units : selection (flat unit indices for RM2/RM4/RM0, out-channels for RM3/RM1; None = all)
+    units : selection (flat unit indices for RM2/RM4/RM0, out-channels for RM3/RM1; None = all):
+        integer indices (each at most once; rows come back in the given order), a slice, or a
+        boolean mask with one entry per selectable unit.  Floats, out-of-range / duplicate
+        indices and an empty selection raise ValueError (:func:`linop.validate.units`).
     scale : k > 0 of z = k·[x; x_b] (Eq. 3; changes nothing)
-    dtype : compute dtype (float32 / float64; default the network's)
+    dtype : compute dtype (float32 / float64; default the network's; float16 / bfloat16 raise
+        ValueError, like ``from_torch``).  ``x`` must be finite (NaN / Inf raise ValueError).
     memory_budget : bytes or "2GiB"-style string, bounds the output (and the linearisation)
     stream : return an iterator of BackMap chunks (of units) each within the budget
     method : "auto" | "forward" | "reverse" — forward compressed-window sweep (many units)
@@ -151,6 +150,8 @@ def backmap(
     if layer not in net.unit_layers:
         raise ValueError(f"unknown unit layer {layer!r}; this network has {net.unit_layers}")
     check_piecewise_linear(net)
+    if dtype is not None:
+        dtype = validate.dtype(dtype)
     budget = parse_memory(memory_budget)
     node, in_shape, out_shape = _conv_like(net, layer)
     fc = len(out_shape) == 1
@@ -201,7 +202,10 @@ def _linearisation(net: EquivalentNetwork, x: Any, scale: float, dtype: Any, bud
     if lin.net.nodes is not net.nodes:
         raise ValueError("linearisation was built for another network than net")
     if x is not None:
-        xt = torch.as_tensor(x).to(lin.x).reshape(lin.x.shape)
+        xt = validate.image(x, lin.dtype, "x").to(lin.x.device)
+        if xt.numel() != lin.x.numel():
+            raise ValueError(f"x has shape {tuple(xt.shape)}; the linearisation was taken at {tuple(lin.x.shape)}")
+        xt = xt.reshape(lin.x.shape)
         if not torch.equal(xt, lin.x):
             raise ValueError("x differs from the point the linearisation was taken at; pass x=None to use it")
     return lin

@@ -119,12 +119,33 @@ def _find_dir(root: str | os.PathLike | None, sub: str, required: Sequence[str],
                             f"layout with {', '.join(required)}")
 
 
+#: the only globals a CIFAR "python version" batch refers to: numpy arrays (rebuilt from their
+#: dtype and bytes) and, for protocol-2 pickles written by Python 3, bytes via _codecs.encode
+_CIFAR_GLOBALS = frozenset({
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+})
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickler that resolves only :data:`_CIFAR_GLOBALS`: dicts, lists, bytes, numbers and
+    numpy arrays load; any other class or function — the way a hostile pickle runs code
+    (``__reduce__`` → ``os.system`` …) — raises ``pickle.UnpicklingError`` before it is called."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _CIFAR_GLOBALS:
+            raise pickle.UnpicklingError(f"refused global {module}.{name}: a CIFAR batch holds only "
+                                         "dicts, lists, bytes and numpy arrays")
+        return super().find_class(module, name)
+
+
 def _unpickle(path: Path, keys: Sequence[bytes]) -> dict:
     what = f"a pickled dict with keys {[k.decode() for k in keys]} (CIFAR python version)"
     try:
         with open(path, "rb") as fh:
-            d = pickle.load(fh, encoding="bytes")
-    except Exception as exc:  # corrupt / truncated / not a pickle
+            d = _CifarUnpickler(fh, encoding="bytes").load()
+    except Exception as exc:  # corrupt / truncated / not a pickle / a refused global
         raise ValueError(f"corrupt CIFAR file {path}: could not unpickle ({exc}); "
                          f"expected {what}") from exc
     if not isinstance(d, dict) or any(k not in d for k in keys):

@@ -24,6 +24,7 @@ import contextlib
 import json
 import math
 import os
+import tempfile
 import sys
 import time
 from pathlib import Path
@@ -99,10 +100,16 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, meta: dict) -> No
     """Atomically write ``{"state_dict", "meta"}`` (tmp file + rename: never half-written)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    torch.save({"state_dict": state, "meta": meta}, tmp)
-    os.replace(tmp, path)
+    # a uniquely named temporary file (concurrent writers never share one), removed on any error
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save({"state_dict": state, "meta": meta}, fh)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def load_checkpoint(path: str | os.PathLike,
@@ -121,9 +128,34 @@ def load_checkpoint(path: str | os.PathLike,
         raise ValueError(f"load_checkpoint: {path} lacks 'state_dict'/'meta'; expected a file "
                          "written by models.train")
     meta = ck["meta"]
-    model = build_model(meta["model"], **meta.get("kwargs", {}))
-    model.load_state_dict(ck["state_dict"])
+    if not isinstance(meta, dict) or not isinstance(meta.get("model"), str):
+        raise ValueError(f"load_checkpoint: {path}: its meta names no model (expected {{'model': name, ...}})")
+    try:
+        model = build_model(meta["model"], **meta.get("kwargs", {}))
+    except (TypeError, KeyError) as exc:
+        raise ValueError(f"load_checkpoint: {path}: cannot build model {meta['model']!r} from its meta "
+                         f"({exc})") from None
+    _load_weights(model, ck["state_dict"], path, meta["model"])
     return model.to(map_location).eval(), meta
+
+
+def _load_weights(model: nn.Module, state: dict, path: Path, name: str) -> None:
+    """``model.load_state_dict(state)``, or one ValueError naming the checkpoint and the
+    mismatch (missing / unexpected keys, shape differences) instead of torch's traceback."""
+    if not isinstance(state, dict):
+        raise ValueError(f"load_checkpoint: {path}: 'state_dict' is a {type(state).__name__}, not a dict")
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        parts = [f"{len(missing)} missing (e.g. {missing[:3]})" if missing else "",
+                 f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})" if unexpected else "",
+                 f"{len(shapes)} of another shape (e.g. {shapes[:2]})" if shapes else ""]
+        raise ValueError(f"load_checkpoint: {path}: the weights do not belong to model {name!r}: "
+                         + "; ".join(p for p in parts if p) + " — a checkpoint of another model or a damaged file")
+    model.load_state_dict(state)
 
 
 @contextlib.contextmanager

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["COMMANDS", "USER_ERRORS", "build_parser", "main", "run_command"]
+__all__ = ["COMMANDS", "USER_ERRORS", "build_parser", "check_out", "main", "run_command"]
 
 # name -> (module, one-line help)
 COMMANDS = {
@@ -32,15 +32,39 @@ COMMANDS = {
 # and its value): shown as one line, exit status 2, like argparse's own errors.  Anything else
 # is a bug and keeps its traceback.  LINOP_TRACEBACK=1 shows the traceback of input errors too.
 USER_ERRORS = (ValueError, NotImplementedError, FileNotFoundError, IsADirectoryError,
-               NotADirectoryError, PermissionError)
+               NotADirectoryError, PermissionError, FileExistsError, MemoryError)
+#: the exit status of an interrupted run (128 + SIGINT, as shells report it)
+EXIT_INTERRUPTED = 130
+
+
+def check_out(path: str, option: str = "--out") -> str:
+    """Refuse an empty ``--out`` (it would mean the current directory) or one that is an
+    existing file, before any work (ValueError / NotADirectoryError: one line, exit 2)."""
+    if not path or not path.strip():
+        raise ValueError(f"{option} is empty; give an output directory (e.g. {option} results/run1)")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise NotADirectoryError(f"{option} {path!r} is an existing file, not a directory; choose another path")
+    return path
+
+
+def _interrupted(prog: str, args: Any) -> int:
+    """One line on Ctrl-C: what was kept (every study writes each finished result at once)."""
+    out = getattr(args, "out", None)
+    kept = (f"finished results are kept in {out}; rerun the same command to resume"
+            if out else "nothing was written")
+    print(f"\n{prog}: interrupted; {kept}", file=sys.stderr)
+    return EXIT_INTERRUPTED
 
 
 def run_command(prog: str, run: Callable[[Any], Any], args: Any) -> int:
-    """Call a subcommand's ``run(args)``; a bad-input error becomes ``prog: error: ...`` (exit 2)."""
+    """Call a subcommand's ``run(args)``; a bad-input error becomes ``prog: error: ...`` (exit 2),
+    Ctrl-C one line saying what was kept (exit 130)."""
     if os.environ.get("LINOP_TRACEBACK"):
         return int(run(args) or 0)
     try:
         return int(run(args) or 0)
+    except KeyboardInterrupt:
+        return _interrupted(prog, args)
     except USER_ERRORS as exc:
         text = str(exc).strip()
         if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:

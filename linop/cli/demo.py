@@ -34,6 +34,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", choices=["digits", "random"], default="digits",
                         help="digits: a bundled scikit-learn handwritten digit, upsampled (default)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--memory-budget", default="2GiB",
+                        help="refuse a demo whose operators and vectors would exceed this (default 2GiB)")
+
+
+def demo_bytes(C: int, C_out: int, size: int, kernel: int, groups: int, itemsize: int) -> int:
+    """An upper estimate of the demo's peak memory: a few dense vectors of the input and the
+    output, and the CSR matrices (conv, its |A|, the linearised block: values + column indices)."""
+    n_in, n_out = C * size * size, C_out * size * size  # stride 1 / 'same' is the largest output
+    nnz = n_out * (C // max(groups, 1)) * kernel * kernel
+    return 8 * (n_in + n_out) * itemsize + 4 * nnz * (itemsize + 8)
 
 
 def demo_input(kind: str, channels: int, size: int, seed: int, dtype: torch.dtype) -> torch.Tensor:
@@ -65,6 +75,17 @@ def run(args: argparse.Namespace) -> int:
     rtol = 1e-12 if dt == torch.float64 else 3e-5
     g = torch.Generator().manual_seed(args.seed)
     C, K = args.in_channels, args.kernel
+    for opt in ("in_channels", "out_channels", "size", "kernel", "stride", "dilation"):
+        if getattr(args, opt) < 1:
+            raise ValueError(f"--{opt.replace('_', '-')} must be >= 1, got {getattr(args, opt)}")
+    from ..utils import gib, parse_memory
+
+    budget = parse_memory(getattr(args, "memory_budget", "2GiB"))
+    need = demo_bytes(C, args.out_channels, args.size, K, max(args.groups, 1), 8 if dt == torch.float64 else 4)
+    if need > budget:
+        raise MemoryError(f"the demo with --size {args.size}, --in-channels {C}, --out-channels {args.out_channels}, "
+                          f"--kernel {K} needs about {gib(need)} > --memory-budget {gib(budget)}; choose a smaller "
+                          "--size / fewer channels, or raise --memory-budget")
     if args.groups < 1 or C % args.groups:
         raise ValueError(f"--groups={args.groups} must divide --in-channels={C}")
     w = torch.randn(args.out_channels, C // args.groups, K, K, generator=g, dtype=dt) / np.sqrt(C * K * K)

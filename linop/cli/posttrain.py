@@ -114,7 +114,11 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..studies.posttrain import check_options, parse_pair, posttrain_study
+    from . import check_out
 
+    check_out(args.out)
+    if args.cache_dir is not None:
+        check_out(args.cache_dir, "--cache-dir")
     if args.threads:
         torch.set_num_threads(args.threads)
     check_options(optimizer=args.optimizer, embedding=args.embedding, solver=args.solver, rec_loss=args.rec_loss,

@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n", type=int, default=16, help="number of test samples to reconstruct")
     parser.add_argument("--to-layer", default="input", help="'input', a node name, or U / U:in / U:out for a unit layer U")
     parser.add_argument("--embedding", default="ne", choices=EMBEDDINGS)
-    parser.add_argument("--solver", default="auto", help="linop.solve method (auto, dense, lsmr, cg, fft, fft-pcg, fft-exact)")
+    parser.add_argument("--solver", default="auto", help="linop.solve method: auto or a registered one (dense, lsmr, lsqr, cg, fft, fft-pcg, fft-exact, …)")
     parser.add_argument("--tol", type=float, default=1e-10)
     parser.add_argument("--maxiter", type=int, default=None)
     parser.add_argument("--maxpool", default="copy", choices=steps.MAXPOOL_MODES)
@@ -47,7 +47,10 @@ def run(args: argparse.Namespace) -> int:
     from ..solvers import METHODS
     from ..studies.reconstruct import reconstruction_study
 
+    from . import check_out
+
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    check_out(args.out)
     if args.n < 1:
         raise ValueError(f"--n must be >= 1, got {args.n}")
     if args.solver not in METHODS:  # else only the first linear step would notice

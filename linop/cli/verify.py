@@ -41,6 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--include-first-conv", action="store_true", help="also verify the first conv layer")
     parser.add_argument("--figure-layer", type=str, default=None, help="layer of the Fig. E.1 figure")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-strict", action="store_true",
+                        help="exit 0 even when a criterion fails (default: exit 1 on FAIL)")
 
 
 def _from_checkpoint(ck: Path, args: argparse.Namespace) -> tuple[Any, Any, str]:
@@ -84,7 +86,9 @@ def _load_source(args: argparse.Namespace) -> tuple[Any, Any, str]:
 def _check_args(args: argparse.Namespace) -> None:
     """Reject bad scalar options before loading anything."""
     from ..studies.verify import _dtype_name, parse_size
+    from . import check_out
 
+    check_out(args.out)
     if args.n_images < 1:
         raise ValueError(f"--n-images must be ≥ 1, got {args.n_images}")
     parse_size(args.memory_budget, "--memory-budget")
@@ -93,8 +97,8 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Print the Markdown table and PASS/FAIL lines; exit 0 unless the input was invalid (the
-    criteria are reported, not enforced through the exit status)."""
+    """Print the Markdown table and PASS/FAIL lines; exit 1 when a criterion fails (0 with
+    ``--no-strict``), 2 when the input was invalid."""
     from ..studies.verify import verify
 
     try:
@@ -117,4 +121,8 @@ def run(args: argparse.Namespace) -> int:
     for line in rep.criteria_lines:
         print(line)
     print(f"\nwritten to {rep.out_dir}: " + ", ".join(sorted(rep.files)))
+    failed = [d for d, ok in rep.passed.items() if not ok]
+    if failed and not getattr(args, "no_strict", False):
+        print(f"linop verify: criteria FAILED for {', '.join(failed)} (exit 1; --no-strict exits 0)", file=sys.stderr)
+        return 1
     return 0

@@ -30,8 +30,9 @@ import torch
 
 from ..network.graph import EquivalentNetwork
 from ..network.node import Node, image_shape
-from ..operators.base import Operator, torch_dtype
+from ..operators.base import Operator
 from ..operators.composite import GraphOperator
+from .. import validate
 from ..utils import parse_memory
 from . import schedule as _schedule
 from .layer_jacobian import LayerJacobian
@@ -71,9 +72,9 @@ class Linearisation:
         if not (isinstance(scale, (int, float, np.floating, np.integer)) and not isinstance(scale, bool)
                 and math.isfinite(float(scale)) and float(scale) > 0):
             raise ValueError(f"scale must be a finite positive number (k of z = k·[x; x_b], seed 000 Eq. 3), got {scale!r}")
-        dt = torch_dtype(dtype) if dtype is not None else net.dtype
+        dt = validate.dtype(dtype) if dtype is not None else net.dtype
         self.net = net.to(dt)
-        x = torch.as_tensor(x).to(dt)
+        x = validate.image(x, dt, "x")  # finite, real, not half precision (linop.validate)
         if x.dim() == len(net.input_shape) + 1:
             if x.shape[0] != 1:
                 raise ValueError(f"linearise takes a single input (or a batch of 1), got a batch of {x.shape[0]}")
@@ -248,11 +249,14 @@ def linearise(net: EquivalentNetwork, x: Any, scale: float = 1.0, dtype: Any = N
     ----------
     net : EquivalentNetwork
         Must be piecewise linear (ReLU / LeakyReLU / PReLU); tanh / sigmoid raise ValueError.
-    x : tensor, shape ``input_shape`` or ``(1, *input_shape)``
+    x : tensor, shape ``input_shape`` or ``(1, *input_shape)``; finite (NaN / Inf raise
+        ValueError: the activation pattern of a non-finite input means nothing); integer
+        images are cast exactly to ``dtype``, float16 / bfloat16 are refused.
         One input (the batch rule of single-sample APIs).
     scale : float > 0
         ``k``; provably irrelevant (positive homogeneity), accepted for fidelity to the paper.
-    dtype : compute dtype (float32 / float64; default: the network's, ``net.dtype``).
+    dtype : compute dtype (float32 / float64; default: the network's, ``net.dtype``); float16 /
+        bfloat16 raise ValueError (:func:`linop.validate.dtype`).
     memory_budget : bytes or a string like ``"2GiB"``; sweeps estimate their peak first.
 
     Returns

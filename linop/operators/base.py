@@ -252,8 +252,9 @@ def dottest(
 
     Parameters
     ----------
-    op : LinearOperator
-        Operator under test (any ``scipy.sparse.linalg.LinearOperator``).
+    op : LinearOperator, sparse matrix or dense 2-D array / tensor
+        Operator under test; anything but a ``scipy.sparse.linalg.LinearOperator`` goes
+        through :func:`linop.as_operator` (which raises TypeError naming ``op`` otherwise).
     rng : Generator or seed, optional
     dtype : dtype of the random vectors (float64 by default; the check is exact up to
         rounding, so the default tolerance is a few hundred ulps of that dtype).
@@ -266,6 +267,10 @@ def dottest(
     -------
     (yAx, xAty) : the two inner products.
     """
+    if not isinstance(op, spla.LinearOperator):
+        from .adapt import as_operator  # adapt imports this module
+
+        op = as_operator(op, name="op")
     rng = np.random.default_rng(rng)
     n_out, n_in = op.shape
     x = rng.standard_normal(n_in).astype(dtype)

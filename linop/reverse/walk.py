@@ -66,6 +66,7 @@ import numpy as np
 import torch
 
 from . import steps as inverse
+from .. import validate
 from .embed import EMBEDDINGS, embed
 from ..solvers import METHODS as SOLVE_METHODS
 from ..network.graph import EquivalentNetwork
@@ -198,15 +199,7 @@ _rel = relative_misfit
 
 
 def _labels(y: Any, N: int, n_classes: int, device) -> torch.Tensor:
-    yt = torch.as_tensor(np.asarray(y) if not isinstance(y, torch.Tensor) else y)
-    if yt.is_floating_point() or yt.is_complex() or yt.dtype == torch.bool:
-        raise ValueError(f"labels y must be integers, got dtype {yt.dtype}")
-    if yt.ndim != 1 or yt.shape[0] != N:
-        raise ValueError(f"labels y must have shape ({N},) to match the batch, got {tuple(yt.shape)}")
-    if N and (int(yt.min()) < 0 or int(yt.max()) >= n_classes):
-        bad = int(yt[(yt < 0) | (yt >= n_classes)][0])
-        raise ValueError(f"label {bad} out of range [0, {n_classes}) for an output of {n_classes} classes")
-    return yt.to(device=device, dtype=torch.int64)
+    return validate.labels(y, N, n_classes, "y").to(device)
 
 
 # ----------------------------------------------------------------------------- the pass
@@ -364,7 +357,8 @@ def reconstruct(
         Sequential (or residual, with ``fanout="mean"``) equivalent network; computation runs
         in ``net.dtype`` (``net.to(torch.float64)`` for float64) on ``x``'s device.
     x : array (N, *input_shape)
-        Network input batch (an image, or a feature map for an upper part of a network).
+        Network input batch (an image, or a feature map for an upper part of a network), N ≥ 1,
+        finite; cast to ``net.dtype`` (float16 / bfloat16 and NaN / Inf raise ValueError).
     y : int array (N,)
         Labels ``y*``; the output node must be a vector of class scores.
     to_layer : str
@@ -400,9 +394,8 @@ def reconstruct(
     """
     _check_options(net, embedding, solver, tol, maxiter, maxpool, avgpool, relu, fanout)
     plan = _plan(net, to_layer, fanout, keep)
-    x = torch.as_tensor(x)
-    if not x.is_floating_point() or x.dtype != net.dtype:
-        x = x.to(net.dtype)
+    # finite, real, non-empty, not half precision; cast to the network's dtype (linop.validate)
+    x = validate.batch(x, net.dtype, "x", sample_ndim=len(net.input_shape))
     _check_memory(net, plan, x, max_bytes)
     options = ReverseOptions(solver=solver, tol=tol, maxiter=maxiter, clip_margin=clip_margin, maxpool=maxpool,
                              avgpool=avgpool, relu=relu, keep_unchanged=keep_unchanged)

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import validate
 from ..network import EquivalentNetwork
 from ..reverse import steps as _steps
 from ..reverse.walk import Reconstruction, reconstruct
@@ -89,8 +90,10 @@ def reconstruction_study(
     """
     if dtype not in ("float32", "float64"):
         raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
-    x = torch.as_tensor(np.asarray(x)) if not isinstance(x, torch.Tensor) else x
-    y = (torch.as_tensor(np.asarray(y)) if not isinstance(y, torch.Tensor) else y).long()
+    # finite, real, non-empty, not half precision; labels integral and one per sample
+    x = validate.batch(x, getattr(torch, dtype), "x")
+    y = validate.labels(y, int(x.shape[0]), 2**62, "y")
+    out = store.output_dir(out_dir, "out_dir")  # before the work: a bad path fails at once
     if sample is not None and not 0 <= sample < x.shape[0]:
         raise ValueError(f"sample must lie in [0, {x.shape[0]}), got {sample}")
     from ..convert import from_torch
@@ -106,7 +109,6 @@ def reconstruction_study(
     summ = rec.summary()
     summ.update(**dict(info or {}), dtype=dtype, seconds=round(secs, 3), solver=solver, maxpool=maxpool,
                 avgpool=avgpool, n_changed_at_output=int(changed.size))
-    out = Path(out_dir)
     files = [store.write_json(out / "reconstruct.json", summ)]
     if sample is None:  # draw a sample the label actually moved (else nothing to see)
         sample = int(changed[0]) if changed.size else 0

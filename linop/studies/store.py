@@ -41,6 +41,7 @@ __all__ = [
     "key_of",
     "load_pt",
     "npz_has",
+    "output_dir",
     "read_jsonl",
     "save_npz",
     "save_pt",
@@ -117,6 +118,26 @@ def key_of(fields: Mapping[str, Any]) -> str:
 
 
 # ============================================================================ writing
+def output_dir(path: Any, name: str = "out_dir") -> Path:
+    """``path`` as a study's output directory, created if missing.
+
+    Raises ``ValueError`` naming ``name`` for an empty path (it would silently mean the
+    current directory) or a non-path, and ``NotADirectoryError`` when ``path`` is an
+    existing file (one line, not an uncaught ``FileExistsError`` from ``mkdir``)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{name} must be a directory path, got {type(path).__name__}")
+    if str(os.fspath(path)).strip() == "":
+        raise ValueError(f"{name} is empty; give the output directory explicitly (e.g. results/run1)")
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"{name} {str(out)!r} is an existing file, not a directory; choose another path")
+    for parent in out.parents:  # a file on the way makes mkdir fail with a confusing errno
+        if parent.exists() and not parent.is_dir():
+            raise NotADirectoryError(f"{name} {str(out)!r}: {str(parent)!r} is a file, not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically; create the parent directory if needed.
 
@@ -125,8 +146,14 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     file is removed and the old ``path``, if any, is left as it was.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    for attempt in (0, 1):  # a concurrent run may remove the directory in between (…partial/)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            break
+        except FileNotFoundError:
+            if attempt:
+                raise
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -168,26 +195,36 @@ def npz_has(path: str | os.PathLike, key: str, names: Iterable[str]) -> bool:
     return isinstance(meta, dict) and meta.get("key") == key and set(names) <= have
 
 
+#: the field of a .pt file written by :func:`save_pt` that holds the content hash of its payload
+_CHECKSUM = "linop_sha256"
+
+
 def save_pt(obj: Any, path: str | os.PathLike) -> Path:
-    """Atomically ``torch.save`` ``obj`` (tensors and plain containers) to ``path``."""
+    """Atomically ``torch.save`` ``obj`` (tensors and plain containers) to ``path``, with the
+    :func:`content_hash` of ``obj`` beside it, so :func:`load_pt` detects any damage (a
+    flipped bit in a tensor, a torn file) instead of trusting it."""
     import torch
 
     buf = io.BytesIO()
-    torch.save(obj, buf)
+    torch.save({_CHECKSUM: content_hash(obj, salt="pt"), "payload": obj}, buf)
     return atomic_write_bytes(path, buf.getvalue())
 
 
 def load_pt(path: str | os.PathLike, key: str | None = None) -> Any:
-    """``torch.load`` (weights only) of ``path``; ``None`` when it is missing or unreadable,
-    or — with ``key`` — when it is not a mapping whose ``"key"`` equals ``key``."""
+    """The object :func:`save_pt` wrote to ``path``; ``None`` — recompute — when the file is
+    missing, unreadable, not written by :func:`save_pt`, fails its checksum, or (with ``key``)
+    is not a mapping whose ``"key"`` equals ``key``.  Loaded with ``weights_only=True``."""
     import torch
 
     path = Path(path)
     if not path.is_file():
         return None
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # a torn or foreign file is recomputed
+        wrapped = torch.load(path, map_location="cpu", weights_only=True)
+        obj = wrapped["payload"]
+        if content_hash(obj, salt="pt") != wrapped[_CHECKSUM]:
+            return None  # damaged content: never trusted
+    except Exception:  # a torn, foreign or pre-checksum file is recomputed
         return None
     if key is not None and not (isinstance(obj, Mapping) and obj.get("key") == key):
         return None
@@ -195,13 +232,32 @@ def load_pt(path: str | os.PathLike, key: str | None = None) -> Any:
 
 
 # ============================================================================ logs
-def append_jsonl(path: str | os.PathLike, record: Mapping[str, Any]) -> None:
+def append_jsonl(path: str | os.PathLike, record: Mapping[str, Any], unique: Iterable[str] | None = None) -> bool:
     """Append ``record`` as one JSON line (sorted keys), flushed and fsynced, so a finished
-    record survives a crash right after it."""
-    with open(path, "a") as fh:
+    record survives a crash right after it.
+
+    With ``unique`` (field names, e.g. ``("key", "config_hash")``), the file is locked
+    (``fcntl.flock``) while it is checked and appended to, and the record is skipped when a
+    record with the same values of those fields is already there: two runs on one output directory never write
+    duplicate records.  Returns whether the record was written."""
+    with open(path, "a+") as fh:
+        if unique is not None:
+            import fcntl
+
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)  # released when the file is closed
+            fields = tuple(unique)
+            mine = tuple(record.get(f) for f in fields)
+            fh.seek(0)
+            for line in fh.read().splitlines():
+                try:
+                    if tuple(json.loads(line).get(f) for f in fields) == mine:
+                        return False
+                except (json.JSONDecodeError, AttributeError):
+                    continue  # a torn line: read_jsonl deals with it
         fh.write(json.dumps(record, sort_keys=True) + "\n")
         fh.flush()
         os.fsync(fh.fileno())
+    return True
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:

@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import hypersurface
+from .. import hypersurface, validate
 from ..utils import parse_memory
 from . import report as _report
 from . import store
@@ -204,17 +204,15 @@ def _select_layers(net, layers: Sequence[str] | None, skip_first_conv: bool) -> 
 
 
 def _prepare_images(images: Any, input_shape: tuple[int, ...] | None) -> torch.Tensor:
-    x = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
-    if not x.is_floating_point():
-        x = x.to(torch.float64)
+    # finite, real, non-empty, not half precision (linop.validate); integers cast to float64
+    floating = np.asarray(images).dtype.kind == "f" if not torch.is_tensor(images) else images.is_floating_point()
+    x = validate.image(images, None if floating else torch.float64, "images")
     if input_shape is not None and x.dim() == len(input_shape) and tuple(x.shape) == tuple(input_shape):
         x = x.unsqueeze(0)
     if x.dim() < 2 or x.shape[0] < 1:
         raise ValueError(f"images must be a batch (N, C, H, W) with N ≥ 1, got shape {tuple(x.shape)}")
     if input_shape is not None and tuple(x.shape[1:]) != tuple(input_shape):
         raise ValueError(f"images must have shape (N, {', '.join(map(str, input_shape))}), got {tuple(x.shape)}")
-    if not torch.isfinite(x).all():
-        raise ValueError("images contain nan or inf")
     return x.detach().cpu()
 
 
@@ -401,7 +399,7 @@ def verify(
     vlayers = _select_layers(net, layers, skip_first_conv)
     fig_layer, fig_ch = _figure_choice(net, vlayers, figure_layer, figure_channels)
 
-    out = Path(out_dir)
+    out = store.output_dir(out_dir, "out_dir")
     (out / "images").mkdir(parents=True, exist_ok=True)
     files, ihashes, computed, cached = _run_images(net, x_all, dts, vlayers, mhash, desc, scale, threshold,
                                                    memory_budget, out, resume, progress)

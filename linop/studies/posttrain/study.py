@@ -176,7 +176,8 @@ def _execute(runner: _Runner, uniq: list, done: dict, res_path: Path, config_has
             l_S, l_R, method, emb, k = task
             bar.set_postfix_str(f"{method}({l_S},{l_R}) {emb if method == 'FR' else ''} run {k}")
         record = runner.run(key, task, config_hash)
-        store.append_jsonl(res_path, record)
+        # unique: a concurrent run on the same out_dir that finished this key first wins
+        store.append_jsonl(res_path, record, unique=("key", "config_hash"))
         done[key] = record
         if bar is not None:
             bar.update(1)
@@ -275,8 +276,7 @@ def posttrain_study(
     check_options(optimizer=optimizer, embedding=embedding, solver=solver, rec_loss=rec_loss, alpha=alpha, lr=lr,
                   epochs=epochs, runs=runs, batch_size=batch_size, chunk_size=chunk_size)
     rep = sorted({int(e) for e in report_epochs if 1 <= int(e) <= epochs}) or [int(epochs)]
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = store.output_dir(out_dir, "out_dir")
     old_det = torch.are_deterministic_algorithms_enabled()
     if deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
