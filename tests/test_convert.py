@@ -540,7 +540,8 @@ class WrappedOp(nn.Module):
 
 @pytest.mark.parametrize("mod,pattern", [
     (Custom(nn.GELU()), r"fx node 'act'.*call_module.*GELU.*test_convert\.py:\d+"),
-    (Custom(nn.Upsample(scale_factor=2)), r"fx node 'act'.*Upsample.*test_convert\.py:\d+"),
+    (Custom(nn.Upsample(scale_factor=2, mode="bicubic")),
+     r"fx node 'act'.*Upsample.*test_convert\.py:\d+.*bicubic"),
     (PyOp(), r"fx node 'sin'.*call_function.*sin.*test_convert\.py:\d+ `return torch\.sin"),
     (WrappedOp(), r"fx node 'my_custom_op'.*call_function.*my_custom_op.*test_convert\.py:\d+"),
 ])
@@ -566,7 +567,7 @@ def test_unsupported_forms():
 
     class PadW(nn.Module):
         def forward(self, x):
-            return F.pad(x, (1, 1))
+            return F.pad(x, (0, 0, 0, 0, 1, 1), value=1.0)  # a fill on the channel axis
 
     with pytest.raises(ConversionError, match="channel axis"):
         from_torch(PadW().eval(), (2, 3, 3))
@@ -732,7 +733,7 @@ def test_random_architectures_match_torch(data):
 
 # ---------------------------------------------------------------------------- every problem at once
 class ManyProblems(nn.Module):
-    """Four unsupported operations; the chunk's tuple has no tensor shape, its items do."""
+    """Four unsupported operations; the unbind's tuple has no tensor shape, its items do."""
 
     def __init__(self):
         super().__init__()
@@ -741,7 +742,7 @@ class ManyProblems(nn.Module):
 
     def forward(self, x):
         y = self.act(self.conv(x))
-        a, b = y.chunk(2, 1)
+        a, b = y.unbind(1)
         z = torch.sin(a + b)
         return torch.cat([z, z], dim=2)
 
@@ -750,13 +751,13 @@ def test_every_unsupported_op_in_one_error():
     with pytest.raises(ConversionError) as info:
         from_torch(ManyProblems().eval(), (1, 6, 6))
     err = info.value
-    assert [p.node for p in err.problems] == ["act", "chunk", "sin", "cat"]
+    assert [p.node for p in err.problems] == ["act", "unbind", "sin", "cat"]
     assert [p.op for p in err.problems] == ["call_module", "call_method", "call_function",
                                             "call_function"]
     assert all(re.search(r"test_convert\.py:\d+ `", p.where) for p in err.problems)
     text = str(err)
     assert "cannot convert 4 fx nodes" in text
-    for pattern in [r"'act' .*\[GELU\].*`y = self\.act", r"'chunk' .*chunk.*tensor method",
+    for pattern in [r"'act' .*\[GELU\].*`y = self\.act", r"'unbind' .*unbind.*tensor method",
                     r"'sin' .*torch\.sin.*unsupported function", r"'cat' .*dim=2"]:
         assert re.search(pattern, text), pattern
 
@@ -764,11 +765,11 @@ def test_every_unsupported_op_in_one_error():
 def test_consequences_of_a_failure_are_not_reported():
     class Ret(nn.Module):
         def forward(self, x):
-            return x.chunk(2, 1)[0]  # the output is only "not a tensor" because chunk failed
+            return x.unbind(1)[0]  # the output is only "not a tensor" because unbind failed
 
     with pytest.raises(ConversionError) as info:
         from_torch(Ret().eval(), (2, 3, 3))
-    assert [p.node for p in info.value.problems] == ["chunk"]
+    assert [p.node for p in info.value.problems] == ["unbind"]
 
 
 # ---------------------------------------------------------------------------- the registry

@@ -290,3 +290,21 @@ def test_two_studies_on_one_out_dir_write_no_duplicates(tmp_path):
         S.store.read_jsonl = real
     again = store.read_jsonl(tmp_path / "results.jsonl")
     assert len(again) == len(first) and [r["key"] for r in again] == [r["key"] for r in first]
+
+
+@pytest.mark.parametrize("folded", [True, False])
+def test_batchnorm_with_negative_running_var_names_the_module(folded):
+    """Issue 12: a BatchNorm with running_var < 0 used to fail later as 'Conv2d: weight contains
+    NaN or inf' (wrong culprit, no layer name); it must name the BatchNorm and the channel."""
+    import torch.nn as nn
+
+    from linop.convert import from_torch
+
+    layers = [nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU()] if folded else \
+        [nn.Conv2d(1, 2, 3), nn.ReLU(), nn.BatchNorm2d(2)]
+    m = nn.Sequential(*layers).eval()
+    bn = m[1] if folded else m[2]
+    with torch.no_grad():
+        bn.running_var[1] = -0.5
+    with pytest.raises(ValueError, match=r"BatchNorm '[12]'.*running_var.*channel 1"):
+        from_torch(m, (1, 5, 5))

@@ -32,21 +32,33 @@ The equivalent model (seed 000 Fig. 2 / Fig. 4, Tables D.1, D.3, D.4)
 Supported operations (module, functional and method forms) -> equivalent network
 ---------------------------------------------------------------------------------
 * ``nn.Conv2d`` (any stride / padding incl. ``'same'``/``'valid'`` / dilation / groups, with or
-  without bias; ``padding_mode='zeros'``) -> LinearNode ``Conv2d`` [``ConvK``] + own BiasNode.
+  without bias) -> LinearNode ``Conv2d`` [``ConvK``] + own BiasNode; with ``padding_mode``
+  ``'reflect'`` / ``'replicate'`` / ``'circular'`` a ``Pad2d`` LinearNode first (the conv then
+  pads nothing; still one unit layer).
+* ``nn.ConvTranspose2d`` (stride / padding / output_padding / dilation / groups) -> LinearNode
+  ``ConvTranspose2d`` [``ConvK``] + own BiasNode (a following BatchNorm folds, Eq. 7).
+* ``nn.Conv1d`` (zero padding) on ``(N, C, L)`` -> LinearNode ``Conv1d`` [``ConvK``] + own
+  BiasNode; ``nn.AvgPool1d`` / ``F.avg_pool1d`` -> ``AvgPool1d``.
 * ``nn.Linear`` on ``(N, F)`` -> LinearNode ``Linear`` [``FC``] + own BiasNode.
 * ``nn.BatchNorm2d`` / ``nn.BatchNorm1d`` in eval mode with running statistics -> folded into
-  the preceding conv / linear (Eq. 7); otherwise a per-channel ``Scale`` LinearNode + BiasNode
+  the preceding conv / conv-transpose / linear (Eq. 7); otherwise a per-channel ``Scale`` LinearNode + BiasNode
   (``f"{bn_path}.bias"``).
 * ``nn.ReLU``, ``F.relu``, ``torch.relu``, ``x.relu()`` -> ActivationNode ``relu``;
   ``nn.LeakyReLU``, ``F.leaky_relu`` -> ``leaky_relu`` (its slope); ``nn.PReLU`` -> ``prelu``
   (per-channel slopes); ``nn.Tanh`` / ``torch.tanh`` / ``F.tanh`` / ``x.tanh()`` and
   ``nn.Sigmoid`` / ``torch.sigmoid`` / ``F.sigmoid`` -> ``tanh`` / ``sigmoid`` (smooth: outside
-  the exact identity of seed 000, but converted for the seed 001 baselines).
+  the exact identity of seed 000, but converted for the seed 001 baselines);
+  ``x.clamp(min=0)`` / ``clamp_min(0)`` -> ``relu``.
 * ``nn.AvgPool2d``, ``F.avg_pool2d`` (all options) -> LinearNode ``AvgPool2d``.
 * ``nn.MaxPool2d``, ``F.max_pool2d`` (no ``return_indices``) -> MaxPoolNode.
 * ``nn.AdaptiveAvgPool2d`` / ``F.adaptive_avg_pool2d`` -> ``GlobalAvgPool2d`` for output 1,
-  ``AvgPool2d`` when the input size divides evenly; ``nn.AdaptiveMaxPool2d`` (even division)
+  ``AvgPool2d`` when the input size divides evenly, else ``AdaptiveAvgPool2d`` (uneven,
+  overlapping or repeated windows, e.g. 1×1 -> 7×7); ``nn.AdaptiveMaxPool2d`` (even division)
   -> MaxPoolNode.
+* ``nn.Upsample`` / ``UpsamplingNearest2d`` / ``UpsamplingBilinear2d``, ``F.interpolate``,
+  ``F.upsample`` (``nearest``, ``nearest-exact``, ``bilinear`` with ``align_corners`` either
+  way, ``area``; ``size`` or ``scale_factor``) -> LinearNode ``Upsample2d``; ``bicubic`` and
+  ``antialias=True`` are refused (linear, taps not implemented).
 * ``x.mean((2, 3))`` / ``torch.mean(x, (-2, -1), keepdim=...)`` -> ``GlobalAvgPool2d``.
 * ``nn.Flatten``, ``torch.flatten(x, 1)``, ``x.flatten(1)``, ``x.view(x.size(0), -1)``,
   ``x.reshape(N, -1)``, ``squeeze`` to ``(N, F)`` -> LinearNode ``Flatten`` (a reshape that
@@ -55,8 +67,15 @@ Supported operations (module, functional and method forms) -> equivalent network
   ``clone`` -> no node (the value is passed through).
 * ``a + b``, ``torch.add``, ``x.add(y)`` of two network tensors -> AddNode; ``a - b`` ->
   ``Scale(-1)`` + AddNode.
-* ``torch.cat(..., dim=1)`` -> CatNode.
-* ``F.pad`` with zeros on the channel axis only -> LinearNode ``ChannelPad``.
+* ``torch.cat(..., dim=1)`` -> CatNode; ``x[:, a:b]``, ``x.chunk(k, 1)``, ``x.split(s, 1)``
+  -> channel crops (LinearNode ``ChannelPad(...).T``).
+* ``F.pad`` with zeros on the channel axis -> LinearNode ``ChannelPad``; ``F.pad`` of the two
+  spatial axes (constant / reflect / replicate / circular), ``nn.ZeroPad2d`` /
+  ``ConstantPad2d`` / ``ReflectionPad2d`` / ``ReplicationPad2d`` / ``CircularPad2d`` ->
+  ``Pad2d`` (a non-zero constant fill is a bias: a ``unit`` BiasNode on the border, its own
+  slice of ``x_b``).
+* ``nn.ChannelShuffle``, ``torch.channel_shuffle``, torchvision's view / transpose / view
+  shuffle -> LinearNode ``ChannelShuffle`` (a permutation).
 * ``x[:, :, o::s, o::s]`` (also with ``...``) -> LinearNode ``Subsample``.
 * ``x * c``, ``c * x``, ``x / c``, ``torch.mul`` with ``c`` a python number or a scalar /
   per-channel parameter or buffer -> folded into a preceding conv / linear (Fixup ``M``),
@@ -69,7 +88,13 @@ Supported operations (module, functional and method forms) -> equivalent network
   :func:`register_converter`.
 
 Anything else raises one :class:`ConversionError` (a :class:`NotImplementedError`) listing
-*every* unsupported fx node with its op, target and the user source line that produced it.  A
+*every* unsupported fx node with its op, target and the user source line that produced it.
+Ops that are not piecewise linear (GELU, SiLU, Mish, ELU, CELU, SELU, Softplus, Hardswish,
+LogSigmoid, Softsign; LayerNorm, GroupNorm, InstanceNorm, softmax, log_softmax, softmin —
+module and functional forms) are listed in a section of their own (``Problem.kind ==
+"not piecewise linear"``) with the reason the identity cannot be exact for them, apart from
+ops that are only not implemented (among them the piecewise-linear ReLU6 / Hardtanh /
+Hardsigmoid / clamp / maximum / minimum, whose breakpoints need a node kind of their own).  A
 module (or any submodule) in training mode raises :class:`ValueError` (call ``.eval()``
 first): BatchNorm then uses batch statistics and dropout is random, neither of which is a
 fixed operator.

@@ -17,7 +17,7 @@ import torch
 from torch import fx, nn
 
 from ..network import BiasNode, LinearNode, Node
-from .errors import ConversionError, node_source, problem
+from .errors import UNSUPPORTED, ConversionError, node_source, problem
 from .fold import Fold
 from .trace import DUMMY_BATCH
 
@@ -78,11 +78,14 @@ class Context:
         self._n_units = {"Conv": 0, "FC": 0}
 
     # ------------------------------------------------------------------ errors
-    def fail(self, node: fx.Node, why: str, exc: type = ConversionError):
+    def fail(self, node: fx.Node, why: str, exc: type = ConversionError,
+             kind: str = UNSUPPORTED):
         """Report that ``node`` cannot be converted: a :class:`ConversionError` is collected
-        with the others; any other ``exc`` (ValueError, RuntimeError) stops the conversion."""
+        with the others; any other ``exc`` (ValueError, RuntimeError) stops the conversion.
+        ``kind``: :data:`~linop.convert.errors.NOT_PIECEWISE_LINEAR` for an op outside the
+        exact identity (listed apart), else ``UNSUPPORTED``."""
         mt = type(self.module(node)).__name__ if node.op == "call_module" else None
-        p = problem(node, why, mt)
+        p = problem(node, why, mt, kind)
         if exc is ConversionError:
             raise ConversionError.from_problems(self.name, [p])
         raise exc(ConversionError.from_problems(self.name, [p]).args[0])

@@ -15,9 +15,19 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-__all__ = ["ConversionError", "Problem", "node_source", "source_frame", "target_name"]
+__all__ = ["NOT_PIECEWISE_LINEAR", "UNSUPPORTED", "ConversionError", "Problem", "node_source",
+           "source_frame", "target_name"]
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
+UNSUPPORTED = "unsupported"
+NOT_PIECEWISE_LINEAR = "not piecewise linear"
+_NOT_PWL_TEXT = (
+    "not piecewise linear: the identity <[x; x_b], H> = c (seed 000 appendix C) holds "
+    "exactly only when every activation is piecewise linear (each unit then computes an "
+    "affine function of [x; x_b] on its activation region); a smooth activation or a "
+    "normalisation by data-dependent statistics has no such region, so no hypersurface H "
+    "reproduces c exactly — replace these ops (e.g. ReLU / LeakyReLU, eval BatchNorm) or "
+    "accept an approximation outside linop")
 _HINT = ("Supported operations are listed in the linop.convert module docstring; "
          "add your own with linop.convert.register_converter.")
 
@@ -36,6 +46,9 @@ class Problem:
         `` at file:line `code``` of the user source line, or ``""`` when unknown.
     reason : str
         Why it has no equivalent-network counterpart.
+    kind : str
+        :data:`NOT_PIECEWISE_LINEAR` for an op the exact identity cannot hold for (smooth or
+        data-normalising), else :data:`UNSUPPORTED` (no rule, or a form not implemented).
     """
 
     node: str
@@ -43,6 +56,7 @@ class Problem:
     target: str
     where: str
     reason: str
+    kind: str = UNSUPPORTED
 
     def __str__(self) -> str:
         return (f"fx node '{self.node}' (op={self.op}, target={self.target}){self.where}: "
@@ -62,13 +76,26 @@ class ConversionError(NotImplementedError):
 
     @classmethod
     def from_problems(cls, model: str, problems: list[Problem]) -> ConversionError:
-        """One error for all ``problems`` of ``model`` (the single-problem text is one line)."""
-        if len(problems) == 1:
-            msg = f"from_torch({model}): cannot convert {problems[0]}. {_HINT}"
-        else:
-            lines = "\n".join(f"  - {p}" for p in problems)
-            msg = f"from_torch({model}): cannot convert {len(problems)} fx nodes:\n{lines}\n{_HINT}"
-        return cls(msg, tuple(problems))
+        """One error for all ``problems`` of ``model`` (the single-problem text is one line).
+
+        Ops that are not piecewise linear are listed in a section of their own, with the
+        reason the identity cannot be exact for them, before the ops that are merely not
+        implemented."""
+        bad = [p for p in problems if p.kind == NOT_PIECEWISE_LINEAR]
+        other = [p for p in problems if p.kind != NOT_PIECEWISE_LINEAR]
+        if not bad and len(other) == 1:
+            return cls(f"from_torch({model}): cannot convert {other[0]}. {_HINT}", tuple(problems))
+        plural = "s" if len(problems) > 1 else ""
+        parts = [f"from_torch({model}): cannot convert {len(problems)} fx node{plural}:"]
+        if bad:
+            parts.append(f"{len(bad)} {_NOT_PWL_TEXT}:")
+            parts += [f"  - {p}" for p in bad]
+        if bad and other:
+            parts.append(f"{len(other)} not implemented (no rule for the op, or for this form "
+                         "of it):")
+        parts += [f"  - {p}" for p in other]
+        parts.append(_HINT)
+        return cls("\n".join(parts), tuple(problems))
 
 
 def source_frame(node: fx.Node) -> tuple[str, int, str] | None:
@@ -103,9 +130,10 @@ def node_source(node: fx.Node) -> str:
     return f"{target_name(node)}{where}"
 
 
-def problem(node: fx.Node, reason: str, module_type: str | None = None) -> Problem:
+def problem(node: fx.Node, reason: str, module_type: str | None = None,
+            kind: str = UNSUPPORTED) -> Problem:
     """The :class:`Problem` record of ``node`` (``module_type`` for ``call_module`` nodes)."""
     fr = source_frame(node)
     where = f" at {fr[0]}:{fr[1]} `{fr[2]}`" if fr else ""
-    kind = f" [{module_type}]" if module_type else ""
-    return Problem(node.name, node.op, f"{target_name(node)}{kind}", where, reason)
+    mt = f" [{module_type}]" if module_type else ""
+    return Problem(node.name, node.op, f"{target_name(node)}{mt}", where, reason, kind)

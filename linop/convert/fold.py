@@ -4,7 +4,8 @@ Contract
 --------
 :func:`plan_folds` reads the traced graph *before* conversion and returns, for every conv /
 linear ``call_module`` node (the *head*), the :class:`Fold` of the chain of nodes directly
-after it that it can absorb exactly:
+after it that it can absorb exactly (``nn.ConvTranspose2d`` heads too, their weight in
+torch's transposed layout):
 
 * an eval-mode ``BatchNorm1d`` / ``BatchNorm2d`` with running statistics over as many
   features as the head has outputs (seed 000 Eq. 7)::
@@ -65,14 +66,18 @@ class Fold:
         """The node whose torch value the folded layer (with its bias) computes."""
         return self.steps[-1].node if self.steps else self.head
 
-    def apply(self, weight: torch.Tensor,
-              bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        """``(W', b', has_bias)``: folded float64 weight (output channels first) and bias.
+    def apply(self, weight: torch.Tensor, bias: torch.Tensor | None,
+              transposed_groups: int | None = None) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """``(W', b', has_bias)``: folded float64 weight and bias.
 
+        The weight has its output channels first (conv, linear), or, with
+        ``transposed_groups = g``, torch's transposed-conv layout ``(C_in, C_out/g, kh, kw)``
+        where output channel ``k·C_out/g + j`` is column ``j`` of input group ``k``.
         ``b'`` is zeros and ``has_bias`` False when neither the head nor a BatchNorm of the
         chain has a bias (a multiplier alone adds none)."""
         W = weight.detach().to(**_F64)
-        n_out = W.shape[0]
+        g = transposed_groups
+        n_out = W.shape[0] if g is None else W.shape[1] * g
         a = torch.ones(n_out, dtype=torch.float64)
         has_bias = bias is not None
         t = bias.detach().to(**_F64).clone() if has_bias else torch.zeros(n_out, dtype=torch.float64)
@@ -82,13 +87,33 @@ class Fold:
             else:  # BN(a·Wx + t) = g·a·Wx + (g·t + β − g·μ)
                 a, t = a * s.gain, s.gain * t + s.shift
                 has_bias = True
-        return W * a.reshape((-1,) + (1,) * (W.dim() - 1)), t, has_bias
+        if g is None:
+            return W * a.reshape((-1,) + (1,) * (W.dim() - 1)), t, has_bias
+        # group k's input rows scale by a[k·C_out/g : (k+1)·C_out/g] along their columns
+        Wg = W.reshape((g, W.shape[0] // g) + tuple(W.shape[1:]))
+        Wg = Wg * a.reshape((g, 1, -1) + (1,) * (W.dim() - 2))
+        return Wg.reshape(W.shape), t, has_bias
 
 
-def bn_affine(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """``g = γ/√(σ²+ε)``, ``shift = β − g·μ`` of an eval-mode BatchNorm (Eq. 7), float64."""
+def bn_affine(m: nn.Module, name: str = "BatchNorm") -> tuple[torch.Tensor, torch.Tensor]:
+    """``g = γ/√(σ²+ε)``, ``shift = β − g·μ`` of an eval-mode BatchNorm (Eq. 7), float64.
+
+    Refuses (ValueError naming the module ``name``) statistics that make the fold meaningless:
+    ``running_var + eps ≤ 0`` (a square root of a negative number) or non-finite values —
+    otherwise they would surface later as a NaN weight of the wrong layer."""
     var = m.running_var.detach().to(**_F64)
     mu = m.running_mean.detach().to(**_F64)
+    bad_var = ~torch.isfinite(var) | (var + float(m.eps) <= 0)
+    if bool(bad_var.any()):
+        i = int(bad_var.nonzero()[0])
+        raise ValueError(
+            f"BatchNorm {name!r}: running_var + eps must be finite and > 0 for every channel (the fold "
+            f"w' = γ·w/√(σ²+ε) of seed 000 Eq. 7); channel {i} has running_var={float(var[i])!r}, "
+            f"eps={float(m.eps)!r} ({int(bad_var.sum())} bad channel(s))")
+    others = [(k, t) for k, t in (("running_mean", mu), ("weight", m.weight), ("bias", m.bias)) if t is not None]
+    for k, t in others:
+        if not bool(torch.isfinite(t.detach()).all()):
+            raise ValueError(f"BatchNorm {name!r}: {k} contains NaN or inf")
     g = 1.0 / torch.sqrt(var + float(m.eps))
     if m.weight is not None:
         g = m.weight.detach().to(**_F64) * g
@@ -157,7 +182,7 @@ def _bn_step(gm: fx.GraphModule, node: fx.Node, src: fx.Node, n_out: int) -> Fol
         return None
     if m.running_mean is None or m.running_var is None or m.num_features != n_out:
         return None  # left to the standalone rule, which says why it cannot convert it
-    g, shift = bn_affine(m)
+    g, shift = bn_affine(m, str(node.target))
     return FoldStep(node, g, shift)
 
 
@@ -194,8 +219,10 @@ def plan_folds(gm: fx.GraphModule) -> dict[fx.Node, Fold]:
         if node.op != "call_module":
             continue
         m = gm.get_submodule(node.target)
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            fold = _fold(gm, node, int(m.weight.shape[0]))
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear, nn.ConvTranspose2d)):
+            n_out = (int(m.weight.shape[1]) * m.groups if isinstance(m, nn.ConvTranspose2d)
+                     else int(m.weight.shape[0]))
+            fold = _fold(gm, node, n_out)
             if fold.steps:
                 plan[node] = fold
     return plan

@@ -17,7 +17,7 @@ import torch
 from torch import fx
 
 from ...network import AddNode, LinearNode
-from ..context import Context, TensorValue
+from ..context import Context, Opaque, TensorValue
 from ..errors import node_source
 from ..registry import rule
 
@@ -27,6 +27,11 @@ def _operands(ctx: Context, node: fx.Node):
     va = ctx.env.get(a) if isinstance(a, fx.Node) else None
     vb = ctx.env.get(b) if isinstance(b, fx.Node) else None
     return a, b, va, vb
+
+
+def _size_arithmetic(va, vb) -> bool:
+    """Arithmetic on ``x.size()`` values (``c // groups``): an opaque reshape argument."""
+    return isinstance(va, Opaque) or isinstance(vb, Opaque)
 
 
 def _negate(ctx: Context, node: fx.Node, x: TensorValue) -> TensorValue:
@@ -47,6 +52,8 @@ def add_op(ctx: Context, node: fx.Node, sign: float) -> TensorValue:
             vb = _negate(ctx, node, vb)
         return ctx.add(AddNode(node.name, (va.name, vb.name), va.shape, node_source(node)))
     if not (isinstance(va, TensorValue) or isinstance(vb, TensorValue)):
+        if _size_arithmetic(va, vb):
+            return Opaque()
         ctx.fail(node, "neither operand is a tensor of the network")
     x_first = isinstance(va, TensorValue)
     x, cst, src = (va, b, a) if x_first else (vb, a, b)
@@ -82,6 +89,8 @@ def mul_op(ctx: Context, node: fx.Node, div: bool) -> TensorValue:
         ctx.fail(node, "division by a network tensor is not linear")
     x, cst = (va, b) if isinstance(va, TensorValue) else (vb, a)
     if not isinstance(x, TensorValue):
+        if _size_arithmetic(va, vb):
+            return Opaque()
         ctx.fail(node, "neither operand is a tensor of the network")
     c = ctx.const(cst)
     if c is None:
@@ -116,3 +125,12 @@ def mul(ctx: Context, node: fx.Node) -> TensorValue:
 @rule(operator.truediv, operator.itruediv, torch.div, "div", "div_")
 def div(ctx: Context, node: fx.Node) -> TensorValue:
     return mul_op(ctx, node, div=True)
+
+
+@rule(operator.floordiv)
+def floordiv(ctx: Context, node: fx.Node) -> Opaque:
+    """``c // g`` of sizes (torchvision's channel shuffle): an opaque reshape argument."""
+    _, _, va, vb = _operands(ctx, node)
+    if not _size_arithmetic(va, vb) or isinstance(va, TensorValue) or isinstance(vb, TensorValue):
+        ctx.fail(node, "floor division is only supported on sizes (x.size(1) // g)")
+    return Opaque()

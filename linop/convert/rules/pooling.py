@@ -3,7 +3,10 @@ selection by argmax).
 
 ``nn.AvgPool2d`` / ``F.avg_pool2d`` -> LinearNode ``AvgPool2d``; ``nn.MaxPool2d`` /
 ``F.max_pool2d`` -> :class:`~linop.network.MaxPoolNode`; adaptive pools with even windows ->
-``AvgPool2d`` / ``GlobalAvgPool2d`` / MaxPoolNode; ``x.mean((2, 3))`` -> ``GlobalAvgPool2d``.
+``AvgPool2d`` / ``GlobalAvgPool2d`` / MaxPoolNode (uneven average windows ->
+``AdaptiveAvgPool2d``, :mod:`.resample`); ``x.mean((2, 3))`` -> ``GlobalAvgPool2d``;
+``nn.AvgPool1d`` / ``F.avg_pool1d`` on ``(C, L)`` -> ``AvgPool1d`` (1-D max pooling has no
+node kind yet).
 """
 from __future__ import annotations
 
@@ -79,7 +82,12 @@ def adaptive(ctx: Context, node: fx.Node, output_size: Any, kind: str) -> Tensor
     osz = tuple(x.shape[1 + i] if o is None else int(o) for i, o in enumerate(osz))
     H, W = x.shape[1:]
     if H % osz[0] or W % osz[1]:
-        ctx.fail(node, f"adaptive pooling {H}x{W} -> {osz[0]}x{osz[1]} with uneven windows")
+        if kind == "max":
+            ctx.fail(node, f"adaptive max pooling {H}x{W} -> {osz[0]}x{osz[1]} with uneven "
+                     "windows")
+        from .resample import adaptive_avg_uneven
+
+        return adaptive_avg_uneven(ctx, node, x, osz)
     k = (H // osz[0], W // osz[1])
     if kind == "max":
         return max_pool(ctx, node, k, k, 0, 1, False, False)
@@ -156,3 +164,36 @@ def mean(ctx: Context, node: fx.Node) -> TensorValue:
     if dims != [2, 3]:
         ctx.fail(node, f"mean over dims {dim} (only the spatial axes (2, 3))")
     return ctx.linear(node, x, GlobalAvgPool2d(x.shape, keepdim=bool(keepdim)))
+
+
+def avg_pool_1d(ctx: Context, node: fx.Node, kernel_size, stride, padding, ceil_mode,
+                count_include_pad) -> TensorValue:
+    """``F.avg_pool1d`` of a ``(C, L)`` tensor -> ``AvgPool1d``."""
+    from ...operators.base import numpy_dtype
+    from ...operators.layers1d import AvgPool1d
+
+    x = ctx.tensor(node, node.args[0])
+    if len(x.shape) != 2:
+        ctx.fail(node, f"AvgPool1d needs (C, L), got {x.shape}")
+    def one(v):  # torch's one-element lists
+        return v[0] if isinstance(v, (tuple, list)) and len(v) == 1 else v
+
+    stride = None if stride is None or stride in ([], ()) else one(stride)
+    try:
+        op = AvgPool1d(x.shape, one(kernel_size), stride, one(padding), ceil_mode=bool(ceil_mode),
+                       count_include_pad=bool(count_include_pad), dtype=numpy_dtype(ctx.dtype))
+    except ValueError as exc:
+        ctx.fail(node, str(exc), ValueError)
+    return ctx.linear(node, x, op)
+
+
+@rule(nn.AvgPool1d)
+def avg_pool_1d_module(ctx: Context, node: fx.Node) -> TensorValue:
+    m = ctx.module_call(node)
+    return avg_pool_1d(ctx, node, m.kernel_size, m.stride, m.padding, m.ceil_mode,
+                       m.count_include_pad)
+
+
+@rule(F.avg_pool1d)
+def avg_pool_1d_function(ctx: Context, node: fx.Node) -> TensorValue:
+    return avg_pool_1d(ctx, node, *ctx.args(node, _AVG_ARGS[0][:5], _AVG_ARGS[1][:5]))

@@ -1,0 +1,410 @@
+"""Converter rules for the linear ops of issue 13 (uneven adaptive pooling, upsampling,
+conv-transpose, spatial padding, padded convs, channel shuffle) and the honest refusals.
+
+Each op is checked inside a small piecewise-linear model, float64, three ways (:func:`verify`):
+
+1. forward == torch: norm-wise relative error <= 1e-12.  The network applies the same maps
+   through different roundings (BN folded into weights, biases from ``x_b``, sparse taps), a
+   few ulps per layer: eps = 2.2e-16 times a generous 4500 for depth x accumulation length.
+2. ``<[x; x_b], H> = c`` for every unit of every unit layer
+   (:func:`linop.hypersurface.reconstructed_activations`): max |c − ĉ| <= 1e-12 · max |c| —
+   ĉ sums the same products as c in another order, so they differ by ~n·eps of the summed
+   magnitudes (n ≲ 10^3 products along a path); a wrong tap / mask / bias slice is of the
+   order of c itself.
+3. rows of H (``linearise(net, x).operator(layer)``, applied adjointly to unit selectors) ==
+   torch.func.jacfwd rows of the extended function ``f(x, x_b)`` for sampled units of every
+   unit layer, relative to each row's largest entry <= 1e-12 (same argument as 2).
+
+The tests fail on a wrong tap table, a wrong fold (e.g. a BN folded along the wrong axis of a
+transposed kernel), a bias missing from ``x_b`` (2 and 3 then disagree) or a refusal that
+names the wrong kind.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import jacfwd
+
+from linop.convert import ConversionError, from_torch
+from linop.convert.errors import NOT_PIECEWISE_LINEAR, UNSUPPORTED
+from linop.hypersurface import reconstructed_activations
+from linop.linearize import linearise
+from linop.network import BiasNode, LinearNode
+
+RTOL = 1e-12  # see module docstring
+JAC_BLOCK = 1024  # columns of [x; x_b] per jacfwd call (bounds its memory)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: intra-op threads only add synchronisation on a shared CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def randomise(model: nn.Module, seed: int = 0) -> nn.Module:
+    """He-initialised weights, small random biases, BN with random running statistics and
+    affine parameters (so Eq. 7 folding is exercised), eval mode, float64."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+                fan_in = m.weight[0].numel() if not isinstance(m, nn.ConvTranspose2d) else (
+                    m.weight.shape[1] * m.weight.shape[2] * m.weight.shape[3])
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * math.sqrt(2 / fan_in))
+                if m.bias is not None:
+                    m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
+            elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                n = m.num_features
+                m.running_mean.copy_(0.5 * torch.randn(n, generator=g))
+                m.running_var.copy_(0.5 + 1.5 * torch.rand(n, generator=g))
+                m.weight.copy_(1 + 0.3 * torch.randn(n, generator=g))
+                m.bias.copy_(0.2 * torch.randn(n, generator=g))
+    return model.double().eval()
+
+
+def _unit_rows(net, x, samples: dict[str, np.ndarray]) -> torch.Tensor:
+    """jacfwd rows ``[∂c_u/∂x, ∂c_u/∂x_b]`` of the sampled units of all layers, in one pass."""
+    nodes = {net.unit_node(l).name: (l, torch.as_tensor(u)) for l, u in samples.items()}
+
+    def f(xi, xb):
+        vals, out = {}, []
+        for n in net.nodes:
+            vals[n.name] = n.forward([vals[j] for j in n.inputs] if n.inputs else [xi.unsqueeze(0)], xb)
+            if n.name in nodes:
+                out.append(vals[n.name][0].reshape(-1)[nodes[n.name][1]])
+        return torch.cat(out)
+
+    # jacfwd over blocks of the columns of [x; x_b] (jacfwd has no chunk_size; one block
+    # of every column would hold n_columns copies of every activation at once)
+    nx, xb = x.numel(), net.x_b
+    n = nx + xb.numel()
+    cols = []
+    for a in range(0, n, JAC_BLOCK):
+        b = min(n, a + JAC_BLOCK)
+
+        def g(t, a=a, b=b):
+            z = torch.cat([t.new_zeros(a), t, t.new_zeros(n - b)])
+            return f(x + z[:nx].reshape(x.shape), xb + z[nx:])
+
+        cols.append(jacfwd(g)(x.new_zeros(b - a)))
+    return torch.cat(cols, dim=1)
+
+
+def verify(model: nn.Module, shape: tuple[int, ...], n_units: int | None = 6, seed: int = 0,
+           every_unit: bool = True):
+    """The three checks of the module docstring; returns the network.
+
+    ``n_units``: units per layer whose H rows are compared with jacfwd (None: every unit).
+    ``every_unit``: check ``<[x; x_b], H> = c`` on every unit (else the sampled ones)."""
+    net = from_torch(model, shape)
+    g = torch.Generator().manual_seed(seed)
+    xb = torch.randn((2,) + tuple(shape), generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        want = model(xb)
+    got = net.forward(xb)
+    err = float((got - want).norm() / want.norm())
+    assert err <= RTOL, f"forward: relative error {err:.3e}"
+    x = xb[0]
+    lin = linearise(net, x)
+    rng = np.random.default_rng(seed)
+    samples = {}
+    for layer in net.unit_layers:
+        U = int(np.prod(net.unit_node(layer).out_shape))
+        k = U if n_units is None else min(U, n_units)
+        samples[layer] = np.sort(rng.choice(U, size=k, replace=False))
+    if every_unit:
+        for layer, (c, c_hat) in reconstructed_activations(net, x, linearisation=lin).items():
+            e = float((c - c_hat).abs().max() / c.abs().max())
+            assert e <= RTOL, f"{layer}: <[x; x_b], H> != c (max rel {e:.3e})"
+    ref = _unit_rows(net, x, samples)
+    rows, z = [], lin.extended_input()
+    for layer, u in samples.items():
+        J = lin.operator(layer)
+        E = torch.zeros((u.size, J.shape[0]), dtype=torch.float64)
+        E[torch.arange(u.size), torch.as_tensor(u)] = 1.0
+        H = J.apply_adjoint(E.reshape((u.size,) + tuple(J.out_shape))).reshape(u.size, -1)
+        rows.append(H)
+        if not every_unit:
+            c = lin.preactivations()[layer].reshape(-1)[torch.as_tensor(u)]
+            assert (H @ z.reshape(-1) - c).abs().max() <= RTOL * c.abs().max().clamp_min(1e-300)
+    H = torch.cat(rows)
+    scale = ref.abs().amax(dim=1, keepdim=True).clamp_min(1e-300)
+    e = float(((H - ref).abs() / scale).max())
+    assert e <= RTOL, f"H rows vs jacfwd rows: max relative row error {e:.3e}"
+    return net
+
+
+def ops(net) -> list[str]:
+    return [type(n.op).__name__ for n in net.nodes if isinstance(n, LinearNode)]
+
+
+class Seq(nn.Module):
+    """conv -> relu -> op -> conv -> relu -> flatten -> linear (a unit layer on either side)."""
+
+    def __init__(self, op: nn.Module | None, c_mid: int = 4, c_op_out: int | None = None,
+                 fn=None):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, c_mid, 3, padding=1)
+        self.op, self.fn = op, fn
+        self.c2 = nn.Conv2d(c_op_out or c_mid, 5, 3, padding=1)
+        self.fc = nn.LazyLinear(3)
+
+    def forward(self, x):
+        x = torch.relu(self.c1(x))
+        x = self.op(x) if self.op is not None else self.fn(x)
+        return self.fc(torch.relu(self.c2(x)).flatten(1))
+
+
+def seq(op=None, shape=(3, 6, 6), fn=None, **kw) -> nn.Module:
+    m = Seq(op, fn=fn, **kw)
+    m(torch.zeros((1,) + shape))  # materialise the lazy linear
+    return randomise(m)
+
+
+# ---------------------------------------------------------------------------- resampling
+@pytest.mark.parametrize("hw, osz", [((6, 6), (4, 4)), ((5, 7), (3, 2)), ((3, 3), (7, 7)),
+                                     ((1, 1), (7, 7)), ((6, 6), (None, 4))])
+def test_adaptive_avg_pool_uneven(hw, osz):
+    net = verify(seq(nn.AdaptiveAvgPool2d(osz), (3,) + hw), (3,) + hw)
+    assert "AdaptiveAvgPool2d" in ops(net)
+
+
+def test_adaptive_avg_pool_even_keeps_ordinary_pools():
+    assert "AvgPool2d" in ops(verify(seq(nn.AdaptiveAvgPool2d(3)), (3, 6, 6)))
+    assert "GlobalAvgPool2d" in ops(from_torch(seq(nn.AdaptiveAvgPool2d(1)), (3, 6, 6)))
+    net = verify(seq(fn=lambda x: F.adaptive_avg_pool2d(x, (4, 5))), (3, 6, 6))
+    assert "AdaptiveAvgPool2d" in ops(net)
+
+
+@pytest.mark.parametrize("kw", [
+    {"scale_factor": 2, "mode": "nearest"}, {"size": (9, 7), "mode": "nearest"},
+    {"scale_factor": 1.5, "mode": "nearest-exact"}, {"scale_factor": 2, "mode": "bilinear"},
+    {"scale_factor": 2, "mode": "bilinear", "align_corners": True},
+    {"size": (8, 11), "mode": "bilinear", "align_corners": False}, {"size": (3, 4), "mode": "area"},
+])
+def test_upsample_module_and_interpolate(kw):
+    net = verify(seq(nn.Upsample(**kw), (3, 5, 6)), (3, 5, 6))
+    assert "Upsample2d" in ops(net)
+    verify(seq(fn=lambda x: F.interpolate(x, **kw), shape=(3, 5, 6)), (3, 5, 6), n_units=3,
+           every_unit=False)
+
+
+def test_upsample_aliases():
+    verify(seq(nn.UpsamplingBilinear2d(scale_factor=2), (3, 4, 4)), (3, 4, 4))
+    verify(seq(nn.UpsamplingNearest2d(size=(7, 9)), (3, 4, 4)), (3, 4, 4))
+
+
+@pytest.mark.parametrize("kw, why", [
+    ({"scale_factor": 2, "mode": "bicubic"}, "bicubic.*not implemented"),
+    ({"scale_factor": 0.5, "mode": "bilinear", "antialias": True}, "antialias.*not implemented"),
+])
+def test_interpolate_refusals(kw, why):
+    with pytest.raises(ConversionError, match=why) as e:
+        from_torch(seq(fn=lambda x: F.interpolate(x, **kw)), (3, 6, 6))
+    assert e.value.problems[0].kind == UNSUPPORTED
+
+
+# ---------------------------------------------------------------------------- conv-transpose
+class Decoder(nn.Module):
+    def __init__(self, bn: bool, **kw):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+        self.up = nn.ConvTranspose2d(4, 6, 3, **kw)
+        self.bn = nn.BatchNorm2d(6) if bn else nn.Identity()
+        self.c2 = nn.Conv2d(6, 2, 1)
+
+    def forward(self, x):
+        return self.c2(F.leaky_relu(self.bn(self.up(torch.relu(self.c1(x)))), 0.1))
+
+
+@pytest.mark.parametrize("kw", [
+    {"stride": 2, "padding": 1, "output_padding": 1}, {"stride": 2, "groups": 2, "bias": False},
+    {"stride": 1, "padding": 2, "dilation": 2}, {"stride": 3, "padding": 1, "output_padding": 2},
+])
+@pytest.mark.parametrize("bn", [False, True])
+def test_conv_transpose_is_a_unit_layer(kw, bn):
+    net = verify(randomise(Decoder(bn, **kw)), (3, 7, 7), n_units=None)
+    assert net.unit_layers == ["Conv0", "Conv1", "Conv2"]
+    assert type(net.unit_node("Conv1").op).__name__ == "ConvTranspose2d"
+    has_bias = bn or kw.get("bias", True)
+    assert ("Conv1.bias" in net.bias_slices) == has_bias
+    assert not any(type(n.op).__name__ == "Scale" for n in net.nodes
+                   if isinstance(n, LinearNode))  # the BN folded (Eq. 7)
+
+
+# ---------------------------------------------------------------------------- padding
+@pytest.mark.parametrize("mod", [
+    nn.ZeroPad2d((1, 2, 0, 3)), nn.ReflectionPad2d((2, 1, 1, 2)), nn.ReplicationPad2d(2),
+    nn.CircularPad2d((1, 0, 2, 3)), nn.ConstantPad2d((1, 1, 2, 0), 0.7),
+])
+def test_pad_modules(mod):
+    net = verify(seq(mod, (3, 5, 6)), (3, 5, 6), n_units=None)
+    assert "Pad2d" in ops(net)
+    if isinstance(mod, nn.ConstantPad2d) and mod.value:
+        assert any(n.bias_name == "op.value" for n in net.nodes if isinstance(n, BiasNode))
+
+
+@pytest.mark.parametrize("pad, kw", [
+    ((1, 2, 3, 0), {"mode": "reflect"}), ((2, 2, 1, 1), {"mode": "replicate"}),
+    ((1, 1, 1, 1), {"mode": "circular"}), ((1, 0, 0, 2), {"value": -0.3}),
+    ((0, 0, 0, 0, 1, 2), {}), ((1, 1, 0, 0, 2, 0), {}),
+])
+def test_functional_pad(pad, kw):
+    c = 4 + (pad[4] + pad[5] if len(pad) == 6 else 0)
+    verify(seq(fn=lambda x: F.pad(x, pad, **kw), shape=(3, 5, 6), c_op_out=c), (3, 5, 6),
+           n_units=None)
+
+
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
+def test_conv_padding_modes(mode):
+    m = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, padding_mode=mode), nn.BatchNorm2d(4),
+                      nn.ReLU(), nn.Conv2d(4, 3, (3, 2), padding="same", padding_mode=mode),
+                      nn.ReLU(), nn.Conv2d(3, 2, 3, stride=2, padding=(2, 1), padding_mode=mode))
+    net = verify(randomise(m), (3, 6, 7), n_units=None)
+    assert net.unit_layers == ["Conv0", "Conv1", "Conv2"]  # the pads are not unit layers
+    assert ops(net).count("Pad2d") == 3
+    assert all(net.unit_node(l).op.padding == (0, 0, 0, 0) if len(net.unit_node(l).op.padding) == 4
+               else tuple(net.unit_node(l).op.padding) == (0, 0) for l in net.unit_layers)
+
+
+# ---------------------------------------------------------------------------- shuffle, identity
+@pytest.mark.parametrize("fn", [nn.ChannelShuffle(2), lambda x: torch.channel_shuffle(x, 4)])
+def test_channel_shuffle(fn):
+    net = verify(seq(fn if isinstance(fn, nn.Module) else None, (3, 4, 4), fn=fn, c_mid=8),
+                 (3, 4, 4))
+    assert "ChannelShuffle" in ops(net)
+
+
+class Head(nn.Module):
+    """Linear -> BatchNorm1d -> Dropout -> ReLU -> Identity -> Linear (BN folds)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(2, 3, 3)
+        self.net = nn.Sequential(nn.Flatten(), nn.Identity(), nn.Dropout(0.3), nn.Linear(12, 6),
+                                 nn.BatchNorm1d(6), nn.Dropout(), nn.ReLU(), nn.Identity(),
+                                 nn.Linear(6, 2))
+
+    def forward(self, x):
+        return self.net(F.dropout(torch.relu(self.c(x)), 0.2, training=self.training))
+
+
+def test_identity_dropout_and_bn1d_after_linear():
+    net = verify(randomise(Head()), (2, 4, 4), n_units=None)
+    assert net.unit_layers == ["Conv0", "FC0", "FC1"]
+    assert ops(net).count("Scale") == 0  # BatchNorm1d folded into FC0 (Eq. 7)
+
+
+def test_clamp_min_zero_is_relu():
+    verify(seq(fn=lambda x: x.clamp(min=0) - 0.2, shape=(3, 4, 4)), (3, 4, 4))
+
+
+# ---------------------------------------------------------------------------- refusals
+class Mixed(nn.Module):
+    """Every kind of refusal in one model."""
+
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(3, 4, 3, padding=1)
+        self.gelu, self.ln, self.gn = nn.GELU(), nn.LayerNorm([4, 6, 6]), nn.GroupNorm(2, 4)
+        self.r6, self.hs, self.mish = nn.ReLU6(), nn.Hardswish(), nn.Mish()
+        self.fc = nn.Linear(144, 3)
+
+    def forward(self, x):
+        x = self.gelu(self.c(x))
+        x = F.silu(self.ln(x))
+        x = self.r6(self.gn(x))
+        x = F.elu(self.hs(x)) + F.softplus(self.mish(x))
+        x = torch.clamp(F.hardtanh(x), -1, 2)
+        x = F.group_norm(F.layer_norm(x, [6]), 1)
+        y = self.fc(x.flatten(1))
+        return torch.softmax(y, -1) + F.softmax(y, 1)
+
+
+def test_refusals_list_every_op_by_kind():
+    with pytest.raises(ConversionError) as e:
+        from_torch(Mixed().eval(), (3, 6, 6))
+    kinds = {}
+    for p in e.value.problems:
+        kinds.setdefault(p.kind, []).append(p.node)
+    assert sorted(kinds[NOT_PIECEWISE_LINEAR]) == sorted(
+        ["gelu", "ln", "silu", "gn", "hs", "elu", "mish", "softplus", "layer_norm",
+         "group_norm", "softmax", "softmax_1"])
+    assert sorted(kinds[UNSUPPORTED]) == ["clamp", "hardtanh", "r6"]
+    msg = str(e.value)
+    i, j = msg.index("12 not piecewise linear"), msg.index("3 not implemented (no rule")
+    assert i < j and "no hypersurface H" in msg[i:j] and "no hypersurface H" not in msg[j:]
+    assert "relu6(c) = relu(c) - relu(c - 6)" in msg[j:]
+
+
+def test_single_refusal_keeps_its_reason():
+    with pytest.raises(ConversionError, match=r"(?s)1 not piecewise linear.*no hypersurface H "
+                                              r"reproduces c exactly.*SiLU is smooth"):
+        from_torch(nn.Sequential(nn.Conv2d(1, 2, 3), nn.SiLU()).eval(), (1, 5, 5))
+
+
+# ---------------------------------------------------------------------------- ShuffleNet forms
+def tv_channel_shuffle(x, groups: int):
+    """torchvision's ``channel_shuffle`` (view / transpose / contiguous / view)."""
+    b, c, h, w = x.size()
+    x = x.view(b, groups, c // groups, h, w)
+    x = torch.transpose(x, 1, 2).contiguous()
+    return x.view(b, -1, h, w)
+
+
+class ShuffleUnit(nn.Module):
+    """ShuffleNet-V2's stride-1 unit: ``chunk`` the channels, transform one half, concat,
+    torchvision's channel shuffle; then a channel slice and a split."""
+
+    def __init__(self):
+        super().__init__()
+        self.c0 = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4), nn.ReLU(),
+                               nn.Conv2d(4, 4, 3, padding=1, groups=4), nn.Conv2d(4, 4, 1),
+                               nn.ReLU())
+        self.c1 = nn.Conv2d(5, 2, 1)
+
+    def forward(self, x):
+        x = torch.relu(self.c0(x))
+        x1, x2 = x.chunk(2, dim=1)
+        y = tv_channel_shuffle(torch.cat([x1, self.b(x2)], 1), 2)
+        _, b = torch.split(y, [3, 5], dim=1)
+        return self.c1(b + y[:, 2:7])
+
+
+def test_shufflenet_stride1_unit_forms():
+    net = verify(randomise(ShuffleUnit()), (3, 5, 5), n_units=None)
+    kinds = ops(net)
+    assert "ChannelShuffle" in kinds and kinds.count("AdjointOperator") >= 2
+
+
+# ---------------------------------------------------------------------------- 1-D
+class Net1d(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c0 = nn.Conv1d(2, 4, 3, padding=1)
+        self.bn0 = nn.BatchNorm1d(4)
+        self.pool = nn.AvgPool1d(3, 2, padding=1, count_include_pad=False)
+        self.c1 = nn.Conv1d(4, 6, 3, stride=2, dilation=2, groups=2, padding=2, bias=False)
+        self.bn1 = nn.BatchNorm1d(6)
+        self.fc = nn.Linear(6 * 2, 3)
+
+    def forward(self, x):
+        x = self.pool(torch.relu(self.bn0(self.c0(x))))
+        x = F.leaky_relu(self.bn1(self.c1(x)), 0.2)
+        return self.fc(F.avg_pool1d(x, 2, ceil_mode=True).flatten(1))
+
+
+def test_conv1d_bn1d_avgpool1d():
+    net = verify(randomise(Net1d()), (2, 13), n_units=None)
+    assert net.unit_layers == ["Conv0", "Conv1", "FC"]
+    assert ops(net).count("Scale") == 0  # both BatchNorm1d fold into their Conv1d (Eq. 7)
+    assert ops(net).count("AvgPool1d") == 2
