@@ -1,5 +1,6 @@
-"""Converter rules for the linear ops of issue 13 (uneven adaptive pooling, upsampling,
-conv-transpose, spatial padding, padded convs, channel shuffle) and the honest refusals.
+"""Converter rules for the ops of issue 13 (uneven adaptive pooling, upsampling,
+conv-transpose, spatial padding, padded convs, channel shuffle; ReLU6 / Hardtanh / Hardsigmoid /
+clamp / maximum / minimum, whose breakpoints are slices of ``x_b``) and the honest refusals.
 
 Each op is checked inside a small piecewise-linear model, float64, three ways (:func:`verify`):
 
@@ -99,14 +100,17 @@ def _unit_rows(net, x, samples: dict[str, np.ndarray]) -> torch.Tensor:
 
 
 def verify(model: nn.Module, shape: tuple[int, ...], n_units: int | None = 6, seed: int = 0,
-           every_unit: bool = True):
+           every_unit: bool = True, inputs: torch.Tensor | None = None):
     """The three checks of the module docstring; returns the network.
 
     ``n_units``: units per layer whose H rows are compared with jacfwd (None: every unit).
-    ``every_unit``: check ``<[x; x_b], H> = c`` on every unit (else the sampled ones)."""
+    ``every_unit``: check ``<[x; x_b], H> = c`` on every unit (else the sampled ones).
+    ``inputs``: the batch to check (default: two standard normal samples); checks 2 and 3
+    use its first sample."""
     net = from_torch(model, shape)
     g = torch.Generator().manual_seed(seed)
-    xb = torch.randn((2,) + tuple(shape), generator=g, dtype=torch.float64)
+    xb = torch.randn((2,) + tuple(shape), generator=g, dtype=torch.float64) if inputs is None \
+        else inputs.to(torch.float64)
     with torch.no_grad():
         want = model(xb)
     got = net.forward(xb)
@@ -304,7 +308,127 @@ def test_identity_dropout_and_bn1d_after_linear():
 
 
 def test_clamp_min_zero_is_relu():
-    verify(seq(fn=lambda x: x.clamp(min=0) - 0.2, shape=(3, 4, 4)), (3, 4, 4))
+    net = verify(seq(fn=lambda x: x.clamp(min=0) - 0.2, shape=(3, 4, 4)), (3, 4, 4))
+    assert not any("breakpoint" in k for k in net.bias_slices)  # a zero bound is no bias
+
+
+# ---------------------------------------------------------------------------- breakpoints
+T_LO = torch.tensor([-0.5, 0.25, 1.0], dtype=torch.float64).reshape(3, 1, 1)  # per-channel
+T_HI = T_LO + 1.5
+# every bound used below, so the input puts units exactly at each breakpoint
+KINKS = (-3.0, -1.0, -0.5, 0.0, 0.25, 1.0, 1.75, 2.0, 2.5, 3.0, 6.0)
+
+
+class Twice(nn.Module):
+    """``op`` on the input itself (values set exactly at its breakpoints), then a conv, ``op``
+    again on the conv's output, a conv, ReLU and a linear."""
+
+    def __init__(self, op: nn.Module | None = None, fn=None):
+        super().__init__()
+        self.op, self.fn = op, fn
+        self.c1, self.c2 = nn.Conv2d(3, 3, 3, padding=1), nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 6 * 6, 3)
+
+    def forward(self, x):
+        f = self.op if self.op is not None else self.fn
+        return self.fc(torch.relu(self.c2(f(self.c1(f(x))))).flatten(1))
+
+
+def kink_inputs(seed: int = 0) -> torch.Tensor:
+    """Sample 0: every value of :data:`KINKS`, 1e-3 either side of it and ±8, in each channel
+    (shuffled); sample 1: 4·N(0, 1), so that the second application crosses the bounds."""
+    g = torch.Generator().manual_seed(seed)
+    k = torch.tensor(KINKS, dtype=torch.float64)
+    vals = torch.cat([k, k - 1e-3, k + 1e-3, torch.tensor([-8.0, 8.0], dtype=torch.float64)])
+    x0 = torch.stack([vals[torch.randperm(36, generator=g) % vals.numel()] for _ in range(3)])
+    return torch.stack([x0.reshape(3, 6, 6), 4 * torch.randn((3, 6, 6), generator=g,
+                                                             dtype=torch.float64)])
+
+
+# (op module, fn, slices of x_b it must add: sign + name suffix -> values)
+_LO = {"-breakpoint_lo": (-T_LO).flatten().tolist(), "+breakpoint_lo": T_LO.flatten().tolist()}
+BREAKPOINT_FORMS = {
+    "nn.ReLU6": (nn.ReLU6(), None, {"-breakpoint_hi": [-6.0]}),
+    "nn.ReLU6_inplace": (nn.ReLU6(inplace=True), None, {"-breakpoint_hi": [-6.0]}),
+    "F.relu6": (None, F.relu6, {"-breakpoint_hi": [-6.0]}),
+    "nn.Hardtanh": (nn.Hardtanh(-0.5, 2.0), None,
+                    {"-breakpoint_lo": [0.5], "+breakpoint_lo": [-0.5], "-breakpoint_hi": [-2.0]}),
+    "F.hardtanh": (None, F.hardtanh, {"-breakpoint_hi": [-1.0]}),
+    "F.hardtanh_lo_hi": (None, lambda x: F.hardtanh(x, 0.25, 3.0), {"-breakpoint_hi": [-3.0]}),
+    "F.hardtanh_": (None, lambda x: F.hardtanh_(x.clone(), -1.0, 2.5), {"-breakpoint_hi": [-2.5]}),
+    "nn.Hardsigmoid": (nn.Hardsigmoid(), None, {"+offset": [3.0], "-breakpoint_hi": [-6.0]}),
+    "F.hardsigmoid": (None, F.hardsigmoid, {"-breakpoint_hi": [-6.0]}),
+    "torch.clamp": (None, lambda x: torch.clamp(x, -0.5, 2.0), {"-breakpoint_hi": [-2.0]}),
+    "torch.clamp_min": (None, lambda x: torch.clamp(x, min=1.0), {"-breakpoint_lo": [-1.0]}),
+    "torch.clamp_max": (None, lambda x: torch.clamp(x, max=0.25), {"-breakpoint_hi": [-0.25]}),
+    "x.clamp": (None, lambda x: x.clamp(-1.0, 1.0), {"-breakpoint_hi": [-1.0]}),
+    "x.clamp_min": (None, lambda x: x.clamp(min=-0.5), {"-breakpoint_lo": [0.5]}),
+    "x.clamp_max": (None, lambda x: x.clamp(max=2.0), {"-breakpoint_hi": [-2.0]}),
+    "x.clip": (None, lambda x: x.clip(0.0, 6.0), {"-breakpoint_hi": [-6.0]}),
+    "x.clip_min": (None, lambda x: x.clip(min=0.25), {"-breakpoint_lo": [-0.25]}),
+    "x.clip_max": (None, lambda x: x.clip(max=1.75), {"-breakpoint_hi": [-1.75]}),
+    "torch.clip": (None, lambda x: torch.clip(x, max=3.0, min=-3.0), {"-breakpoint_hi": [-3.0]}),
+    "clamp_min_fn": (None, lambda x: torch.clamp_min(x, 2.0), {"-breakpoint_lo": [-2.0]}),
+    "x.clamp_max_method": (None, lambda x: x.clamp_max(1.0), {"-breakpoint_hi": [-1.0]}),
+    "x.clamp_": (None, lambda x: (x + 0.0).clamp_(min=-1.0, max=1.75), {"-breakpoint_hi": [-1.75]}),
+    "clamp_per_channel": (None, lambda x: torch.clamp(x, T_LO, T_HI),
+                          {**_LO, "-breakpoint_hi": (-T_HI).flatten().tolist()}),
+    "clamp_min_gt_max": (None, lambda x: torch.clamp(x, 2.0, -0.5), {"-breakpoint_hi": [0.5]}),
+    "torch.maximum": (None, lambda x: torch.maximum(x, T_LO), _LO),
+    "torch.maximum_const_first": (None, lambda x: torch.maximum(T_LO, x), _LO),
+    "x.maximum_scalar_tensor": (None, lambda x: x.maximum(torch.tensor(1.0, dtype=torch.float64)),
+                                {"-breakpoint_lo": [-1.0]}),
+    "torch.minimum": (None, lambda x: torch.minimum(x, T_HI),
+                      {"-breakpoint_hi": (-T_HI).flatten().tolist()}),
+    "x.minimum_full_shape": (None, lambda x: x.minimum(torch.full((3, 6, 6), 0.25).double()),
+                             {"-breakpoint_hi": [-0.25] * 108}),
+    "maximum_of_two_tensors": (None, lambda x: torch.maximum(x, 0.5 * x), {}),
+    "minimum_of_two_tensors": (None, lambda x: torch.minimum(-1.0 * x, x), {}),
+}
+
+
+@pytest.mark.parametrize("form", list(BREAKPOINT_FORMS))
+def test_breakpoint_forms_are_exact(form):
+    """Forward, ``<[x; x_b], H> = c`` on every unit and H == jacfwd rows with units exactly at,
+    and 1e-3 either side of, every breakpoint; each constant bound is a slice of ``x_b``."""
+    op, fn, want = BREAKPOINT_FORMS[form]
+    net = verify(randomise(Twice(op, fn)), (3, 6, 6), inputs=kink_inputs())
+    assert net.unit_layers == ["Conv0", "Conv1", "FC"]  # the rewrite adds no unit layer
+    kinds = {n.kind for n in net.nodes if hasattr(n, "kind")}
+    assert kinds <= {"relu"}, kinds  # only ReLUs: the network is piecewise linear
+    xb = net.x_b
+    for suffix, vals in want.items():
+        hits = [k for k in net.bias_slices
+                if k.endswith(suffix[1:]) and k.startswith("-") == (suffix[0] == "-")]
+        assert hits, (suffix, list(net.bias_slices))
+        for k in hits:  # the same value at every application (two fx nodes, or one module)
+            assert xb[net.bias_slices[k]].tolist() == vals, (k, xb[net.bias_slices[k]])
+    if not want:  # bounds that are network tensors add sums, no slice
+        assert not any("breakpoint" in k for k in net.bias_slices)
+
+
+def test_breakpoint_lives_in_x_b():
+    """``relu6`` with its breakpoint slice of ``x_b`` set to −1e300 is ``relu``: the 6 enters the
+    network only through ``x_b`` (one slice, shared by the two calls of the module)."""
+    m6, m0 = randomise(Twice(nn.ReLU6())), randomise(Twice(nn.ReLU()))
+    net = from_torch(m6, (3, 6, 6))
+    assert [k for k in net.bias_slices if "breakpoint" in k] == ["-op.breakpoint_hi"]
+    xb = net.x_b.clone()
+    xb[net.bias_slices["-op.breakpoint_hi"]] = -1e300
+    x = kink_inputs()
+    got = net.run(x, x_b=xb, keep=[net.output])[net.output]
+    with torch.no_grad():
+        want = m0(x)
+    assert float((got - want).norm() / want.norm()) <= RTOL  # same maps as in verify
+
+
+def test_breakpoint_refusals():
+    with pytest.raises(ValueError, match="min is NaN"):
+        from_torch(seq(fn=lambda x: x.clamp(min=float("nan"))), (3, 6, 6))
+    with pytest.raises(ConversionError, match="in-place op on 'x', which is read again"):
+        from_torch(Twice(fn=lambda x: x.clamp_(0.0, 1.0) + x).double().eval(), (3, 6, 6))
+    net = from_torch(seq(fn=lambda x: x.clamp(-math.inf, 2.0)), (3, 6, 6))
+    assert [k for k in net.bias_slices if "breakpoint" in k] == ["-clamp.breakpoint_hi"]
 
 
 # ---------------------------------------------------------------------------- refusals
@@ -323,7 +447,8 @@ class Mixed(nn.Module):
         x = F.silu(self.ln(x))
         x = self.r6(self.gn(x))
         x = F.elu(self.hs(x)) + F.softplus(self.mish(x))
-        x = torch.clamp(F.hardtanh(x), -1, 2)
+        x = torch.clamp(F.hardtanh(x), -1, 2)  # piecewise linear: converted
+        x = F.interpolate(torch.cumsum(x, 1), scale_factor=1.0, mode="bicubic")
         x = F.group_norm(F.layer_norm(x, [6]), 1)
         y = self.fc(x.flatten(1))
         return torch.softmax(y, -1) + F.softmax(y, 1)
@@ -338,11 +463,11 @@ def test_refusals_list_every_op_by_kind():
     assert sorted(kinds[NOT_PIECEWISE_LINEAR]) == sorted(
         ["gelu", "ln", "silu", "gn", "hs", "elu", "mish", "softplus", "layer_norm",
          "group_norm", "softmax", "softmax_1"])
-    assert sorted(kinds[UNSUPPORTED]) == ["clamp", "hardtanh", "r6"]
+    assert sorted(kinds[UNSUPPORTED]) == ["cumsum", "interpolate"]  # not r6, hardtanh, clamp
     msg = str(e.value)
-    i, j = msg.index("12 not piecewise linear"), msg.index("3 not implemented (no rule")
+    i, j = msg.index("12 not piecewise linear"), msg.index("2 not implemented (no rule")
     assert i < j and "no hypersurface H" in msg[i:j] and "no hypersurface H" not in msg[j:]
-    assert "relu6(c) = relu(c) - relu(c - 6)" in msg[j:]
+    assert "bicubic" in msg[j:]
 
 
 def test_single_refusal_keeps_its_reason():

@@ -12,9 +12,10 @@ Profiles: the default (CI) one uses widths /8 of torchvision's and 16×16 / 32×
 ``LINOP_ZOO_FULL=1`` doubles the widths, uses 32×32 / 64×64 inputs and samples more units
 (minutes on 2 cores).
 
-Not in the zoo yet: MobileNet-V2 (ReLU6 needs the breakpoint node kind, see
-:mod:`linop.convert.rules.refusals`).  ShuffleNet-V2 is torchvision's unit as written
-(``x.chunk(2, dim=1)`` and the view / transpose / view channel shuffle).
+MobileNet-V2 is torchvision's inverted-residual network (ReLU6 throughout, converted by
+:mod:`linop.convert.rules.breakpoint`: ``relu6(c) = relu(c) − relu(c − 6)``, the 6 a slice of
+``x_b``).  ShuffleNet-V2 is torchvision's unit as written (``x.chunk(2, dim=1)`` and the view /
+transpose / view channel shuffle).
 """
 from __future__ import annotations
 
@@ -179,6 +180,54 @@ def shufflenet():
                          nn.Linear(32 * W, 10), nn.Dropout(0.2))
 
 
+# ---------------------------------------------------------------------------- MobileNet-V2
+def cbr6(i, o, k=3, s=1, g=1):
+    """torchvision's ``Conv2dNormActivation`` with ReLU6 (MobileNet-V2's ConvBNReLU)."""
+    return nn.Sequential(nn.Conv2d(i, o, k, s, (k - 1) // 2, groups=g, bias=False),
+                         nn.BatchNorm2d(o), nn.ReLU6(inplace=True))
+
+
+class InvertedResidual(nn.Module):
+    """torchvision's MobileNet-V2 block: 1x1 expansion (unless t = 1), 3x3 depthwise, 1x1
+    linear projection with BN; the residual sum when stride 1 and the widths agree."""
+
+    def __init__(self, i, o, stride, t):
+        super().__init__()
+        h = i * t
+        self.use_res_connect = stride == 1 and i == o
+        layers = [cbr6(i, h, 1)] if t != 1 else []
+        layers += [cbr6(h, h, 3, stride, g=h), nn.Conv2d(h, o, 1, 1, 0, bias=False),
+                   nn.BatchNorm2d(o)]
+        self.conv = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return x + self.conv(x) if self.use_res_connect else self.conv(x)
+
+
+class MobileNetV2(nn.Module):
+    """torchvision's MobileNet-V2 (its setting t, c, n, s: 17 inverted residuals) with widths
+    /8 (×2 in the full profile)."""
+
+    def __init__(self):
+        super().__init__()
+        setting = [[1, 16, 1, 1], [6, 24, 2, 2], [6, 32, 3, 2], [6, 64, 4, 2], [6, 96, 3, 1],
+                   [6, 160, 3, 2], [6, 320, 1, 1]]
+        i = 4 * W
+        layers = [cbr6(3, i, s=2)]
+        for t, c, n, s in setting:
+            o = max(2, c * W // 8)
+            for k in range(n):
+                layers.append(InvertedResidual(i, o, s if k == 0 else 1, t))
+                i = o
+        layers.append(cbr6(i, 32 * W, 1))
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(32 * W, 10))
+
+    def forward(self, x):
+        x = nn.functional.adaptive_avg_pool2d(self.features(x), (1, 1))
+        return self.classifier(torch.flatten(x, 1))
+
+
 # ---------------------------------------------------------------------------- U-Net
 class UNet(nn.Module):
     """Two-level encoder-decoder: skip connections by concatenation; the decoder upsamples
@@ -211,13 +260,15 @@ class UNet(nn.Module):
 EXPECT = {"vgg11_bn": "AdaptiveAvgPool2d", "alexnet": "AdaptiveAvgPool2d",
           "shufflenet_v2": "ChannelShuffle", "unet_bilinear": "Upsample2d",
           "unet_nearest": "Upsample2d", "unet_transpose": "ConvTranspose2d",
-          "resnet18": "GlobalAvgPool2d", "densenet": "AvgPool2d", "squeezenet1_1": "MaxPool2d"}
+          "resnet18": "GlobalAvgPool2d", "densenet": "AvgPool2d", "squeezenet1_1": "MaxPool2d",
+          "mobilenet_v2": "AddNode"}
 
 ZOO = {
     "resnet18": (resnet18, CIFAR), "vgg11_bn": (vgg11_bn, CIFAR),
     "alexnet": (alexnet, 32),  # CIFAR size in both profiles: its 3x3 -> 7x7 head is the point
     "squeezenet1_1": (squeezenet, CIFAR), "densenet": (densenet, SMALL),
-    "shufflenet_v2": (shufflenet, CIFAR), "unet_bilinear": (lambda: UNet("bilinear"), SMALL),
+    "shufflenet_v2": (shufflenet, CIFAR), "mobilenet_v2": (MobileNetV2, CIFAR),
+    "unet_bilinear": (lambda: UNet("bilinear"), SMALL),
     "unet_nearest": (lambda: UNet("nearest"), SMALL),
     "unet_transpose": (lambda: UNet("transpose"), SMALL),
 }
@@ -232,3 +283,18 @@ def test_zoo_model_is_exact(name):
     assert len(net.unit_layers) >= 3
     kinds = {type(getattr(n, "op", n)).__name__ for n in net.nodes}
     assert EXPECT[name] in kinds | {"MaxPool2d" if "MaxPoolNode" in kinds else ""}, kinds
+
+
+
+def test_mobilenet_v2_relu6_breakpoints_enter_x_b():
+    """Each ReLU6 module adds one scalar slice of ``x_b``, −6 (``relu6(c) = relu(c) −
+    relu(c − 6)``; its zero bound adds none), and only ReLUs: the network is piecewise linear."""
+    from linop.convert import from_torch
+    from linop.network import ActivationNode
+
+    model = randomise(MobileNetV2(), seed=1)
+    net = from_torch(model, (3, 16, 16))
+    paths = [p for p, m in model.named_modules() if isinstance(m, nn.ReLU6)]
+    bp = {k: net.x_b[v].tolist() for k, v in net.bias_slices.items() if "breakpoint" in k}
+    assert bp == {f"-{p}.breakpoint_hi": [-6.0] for p in paths}
+    assert {n.kind for n in net.nodes if isinstance(n, ActivationNode)} == {"relu"}

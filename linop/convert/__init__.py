@@ -47,8 +47,17 @@ Supported operations (module, functional and method forms) -> equivalent network
   ``nn.LeakyReLU``, ``F.leaky_relu`` -> ``leaky_relu`` (its slope); ``nn.PReLU`` -> ``prelu``
   (per-channel slopes); ``nn.Tanh`` / ``torch.tanh`` / ``F.tanh`` / ``x.tanh()`` and
   ``nn.Sigmoid`` / ``torch.sigmoid`` / ``F.sigmoid`` -> ``tanh`` / ``sigmoid`` (smooth: outside
-  the exact identity of seed 000, but converted for the seed 001 baselines);
-  ``x.clamp(min=0)`` / ``clamp_min(0)`` -> ``relu``.
+  the exact identity of seed 000, but converted for the seed 001 baselines).
+* Breakpoints off zero (beyond seed 000; :mod:`.rules.breakpoint`): ``nn.ReLU6`` /
+  ``F.relu6``, ``nn.Hardtanh`` / ``F.hardtanh``, ``nn.Hardsigmoid`` / ``F.hardsigmoid``,
+  ``torch.clamp`` / ``clip`` / ``clamp_min`` / ``clamp_max`` (functions and methods),
+  ``torch.maximum`` / ``minimum`` with a constant or a network tensor -> ``relu``
+  ActivationNodes, ``Scale(-1)`` + AddNode and BiasNodes: ``max(c, t) = t + relu(c − t)``,
+  ``min(c, t) = c − relu(c − t)``, ``clamp = min(max(c, lo), hi)``, so
+  ``relu6(c) = relu(c) − relu(c − 6)``.  Each constant bound is a slice of ``x_b`` of its
+  own (``f"-{owner}.breakpoint_hi"`` = −hi, ``"-….breakpoint_lo"`` / ``"….breakpoint_lo"`` =
+  ∓lo, ``owner`` the module path or the fx node; none for a zero bound); ``x.clamp(min=0)``
+  is one ``relu``.
 * ``nn.AvgPool2d``, ``F.avg_pool2d`` (all options) -> LinearNode ``AvgPool2d``.
 * ``nn.MaxPool2d``, ``F.max_pool2d`` (no ``return_indices``) -> MaxPoolNode.
 * ``nn.AdaptiveAvgPool2d`` / ``F.adaptive_avg_pool2d`` -> ``GlobalAvgPool2d`` for output 1,
@@ -93,8 +102,7 @@ Ops that are not piecewise linear (GELU, SiLU, Mish, ELU, CELU, SELU, Softplus, 
 LogSigmoid, Softsign; LayerNorm, GroupNorm, InstanceNorm, softmax, log_softmax, softmin —
 module and functional forms) are listed in a section of their own (``Problem.kind ==
 "not piecewise linear"``) with the reason the identity cannot be exact for them, apart from
-ops that are only not implemented (among them the piecewise-linear ReLU6 / Hardtanh /
-Hardsigmoid / clamp / maximum / minimum, whose breakpoints need a node kind of their own).  A
+ops that are only not implemented.  A
 module (or any submodule) in training mode raises :class:`ValueError` (call ``.eval()``
 first): BatchNorm then uses batch statistics and dropout is random, neither of which is a
 fixed operator.

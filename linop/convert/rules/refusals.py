@@ -1,5 +1,4 @@
-"""Honest refusals: ops that are *not* piecewise linear, and piecewise-linear ops whose
-breakpoints the equivalent network cannot express yet.
+"""Honest refusals: ops that are *not* piecewise linear.
 
 Seed 000's identity ``<[x; x_b], H> = c`` (appendix C) is exact because every unit of a
 piecewise-linear network is an affine function of ``[x; x_b]`` on its activation region.  A
@@ -10,10 +9,8 @@ such region, so no hypersurface reproduces ``c`` exactly: these are refused with
 implemented.  (``tanh`` / ``sigmoid`` are the exception: converted for seed 001's smooth
 baselines, see :mod:`.activation`.)
 
-``ReLU6`` / ``Hardtanh`` / ``Hardsigmoid`` / ``clamp`` / ``clip`` / ``maximum`` / ``minimum``
-*are* piecewise linear — a breakpoint ``t`` is a bias, ``relu6(c) = relu(c) − relu(c − 6)`` —
-but need a node kind with breakpoint biases in ``x_b``; until then they are refused as not
-implemented, with that reason — except ``clamp(min=0)`` / ``clamp_min(0)``, which is ReLU.
+Piecewise-linear ops with breakpoints off zero (``ReLU6``, ``Hardtanh``, ``Hardsigmoid``,
+``clamp``, ``maximum`` / ``minimum``) are converted exactly by :mod:`.breakpoint`.
 """
 from __future__ import annotations
 
@@ -39,10 +36,6 @@ _NORMALISING = {
     "log_softmax": (nn.LogSoftmax, F.log_softmax, torch.log_softmax, "log_softmax"),
     "softmin": (nn.Softmin, F.softmin),
 }
-_BREAKPOINTS = (nn.ReLU6, nn.Hardtanh, nn.Hardsigmoid, F.relu6, F.hardtanh, F.hardsigmoid,
-                torch.clamp, torch.clip, torch.clamp_min, torch.clamp_max, torch.maximum,
-                torch.minimum, "clamp", "clip", "clamp_min", "clamp_max", "clamp_", "maximum",
-                "minimum")
 
 
 def _refuse(name: str, why: str):
@@ -58,17 +51,3 @@ for _name, _targets in _NORMALISING.items():
     rule(*_targets)(_refuse(_name, "a normalisation by statistics of the sample itself "
                             "(a ratio of functions of x), not piecewise linear"))
 
-
-@rule(*_BREAKPOINTS)
-def breakpoints(ctx: Context, node: fx.Node):
-    """``clamp(min=0)`` is ReLU; other breakpoints are exact in principle, not implemented."""
-    from .activation import activation
-
-    if node.op != "call_module" and node.target in (torch.clamp, torch.clip, torch.clamp_min,
-                                                    "clamp", "clip", "clamp_min"):
-        lo, hi = ctx.args(node, ["min", "max"], [None, None])
-        if isinstance(lo, (int, float)) and not isinstance(lo, bool) and lo == 0 and hi is None:
-            return activation(ctx, node, "relu")
-    ctx.fail(node, "piecewise linear with breakpoints off zero (a breakpoint t is a bias: "
-             "relu6(c) = relu(c) - relu(c - 6)); the node kind that enters such breakpoints "
-             "into x_b is not implemented yet")
