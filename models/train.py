@@ -108,6 +108,10 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, meta: dict) -> No
     try:
         with os.fdopen(fd, "wb") as fh:
             torch.save({"state_dict": state, "meta": meta}, fh)
+        # mkstemp creates 0600; give the checkpoint the mode a plain open() would (umask)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -177,9 +181,9 @@ def _deterministic(num_threads: int | None):
 def _check_train_args(model_name: str, epochs: int, lr: float, batch_size: int, optimizer: str,
                       schedule: str, device: str, num_threads: int | None) -> None:
     """Reject bad options of :func:`train` (``ValueError`` naming the option) before any work."""
-    if epochs < 1 or batch_size < 1 or lr <= 0:
+    if epochs < 1 or batch_size < 1 or not math.isfinite(lr) or lr <= 0:
         raise ValueError(f"train: epochs={epochs}, batch_size={batch_size} must be >= 1 and "
-                         f"lr={lr} > 0")
+                         f"lr={lr} finite and > 0")
     if optimizer not in ("sgd", "adam"):
         raise ValueError(f"train: optimizer={optimizer!r}; choose 'sgd' or 'adam'")
     if schedule not in ("cosine", "constant"):

@@ -119,7 +119,9 @@ def run(args: argparse.Namespace) -> int:
     check_out(args.out)
     if args.cache_dir is not None:
         check_out(args.cache_dir, "--cache-dir")
-    if args.threads:
+    if args.threads is not None:
+        if args.threads < 1:  # 0 was silently ignored, a negative count a RuntimeError from torch
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     check_options(optimizer=args.optimizer, embedding=args.embedding, solver=args.solver, rec_loss=args.rec_loss,
                   alpha=args.alpha, lr=args.lr, epochs=args.epochs, runs=args.runs, batch_size=args.batch_size)

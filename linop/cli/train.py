@@ -17,4 +17,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import math
+
+    # models.train checks ``lr <= 0``, which NaN passes: refuse non-finite rates here
+    for opt in ("lr", "momentum", "weight_decay", "l1", "scalar_lr_mult"):
+        val = getattr(args, opt, None)
+        if val is not None and not math.isfinite(val):
+            raise ValueError(f"--{opt.replace('_', '-')} must be a finite number, got {val}")
     return models_module("train").run(args)

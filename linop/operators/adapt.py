@@ -200,6 +200,21 @@ class LinearOperatorAdapter(Operator):
         return np.asarray(self.A.matmat(np.eye(n)), dtype=np.float64)
 
 
+def _finite_entries(W: Any, name: str) -> None:
+    """ValueError naming ``name`` when a host matrix holds NaN / Inf (every product with it
+    would be NaN: dottest, solves and the case analysis would report nonsense)."""
+    if isinstance(W, torch.Tensor):
+        ok = bool(torch.isfinite(W.detach()).all()) if W.is_floating_point() else True
+    elif isinstance(W, np.ndarray):
+        ok = bool(np.isfinite(W).all()) if W.dtype.kind == "f" else True
+    elif scipy.sparse.issparse(W):
+        ok = bool(np.isfinite(W.data).all()) if W.dtype.kind == "f" else True
+    else:  # device arrays: checked where they are used
+        ok = True
+    if not ok:
+        raise ValueError(f"{name} holds NaN / Inf entries")
+
+
 def as_operator(W: Any, name: str = "W") -> Operator:
     """``W`` as a linop :class:`Operator` — the one adapter at every edge that takes a linear map.
 
@@ -229,6 +244,9 @@ def as_operator(W: Any, name: str = "W") -> Operator:
         if len(W.shape) != 2:
             raise ValueError(f"{name} must be 2-D (n_out, n_in), got shape {tuple(W.shape)}")
         _real_dtype(W.dtype, name)
+        if min(W.shape) < 1:
+            raise ValueError(f"{name} has an empty dimension, shape {tuple(W.shape)}")
+        _finite_entries(W, name)
         return MatrixOperator(W)
     if isinstance(W, spla.LinearOperator):
         return LinearOperatorAdapter(W)

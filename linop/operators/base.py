@@ -54,12 +54,15 @@ def numpy_dtype(dtype: Any) -> np.dtype:
 
 def as_shape(shape: Sequence[int] | int, name: str = "shape") -> tuple[int, ...]:
     """Validate a per-sample shape (positive ints)."""
-    if isinstance(shape, (int, np.integer)):
+    if isinstance(shape, (int, np.integer)) and not isinstance(shape, bool):
         shape = (int(shape),)
-    try:
-        out = tuple(int(s) for s in shape)
-    except TypeError as exc:
-        raise ValueError(f"{name} must be a sequence of positive ints, got {shape!r}") from exc
+    # strings iterate as digits ("144" would read as (1, 4, 4)) and int(1.5) truncates: refuse both
+    if isinstance(shape, (str, bytes)) or not hasattr(shape, "__iter__"):
+        raise TypeError(f"{name} must be a sequence of positive ints, got {shape!r}")
+    items = list(shape)
+    if any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) for s in items):
+        raise TypeError(f"{name} must be a sequence of positive ints, got {shape!r}")
+    out = tuple(int(s) for s in items)
     if not out or any(s <= 0 for s in out):
         raise ValueError(f"{name} must be a non-empty sequence of positive ints, got {shape!r}")
     return out
@@ -137,6 +140,9 @@ class Operator(spla.LinearOperator):
         if t.is_complex():
             raise ValueError(f"{type(self).__name__}: complex input (dtype {t.dtype}) is not supported; "
                              "apply the operator to the real and imaginary parts separately")
+        if t.dtype in (torch.float16, torch.bfloat16):  # the parameters would be rounded to half precision
+            raise ValueError(f"{type(self).__name__}: input has dtype {t.dtype}; pass float32 or float64 "
+                             "(half precision would round the operator's parameters)")
         return t if t.is_floating_point() else t.to(torch_dtype(self.dtype))
 
     def __call__(self, x):  # torch tensors go through the batched path
@@ -161,6 +167,20 @@ class Operator(spla.LinearOperator):
         out = fn(batch).reshape(k, n_out)
         out = out.T if columns else out.reshape(n_out)
         return backend.from_torch(out.contiguous(), like=a)
+
+    def _check_vector(self, x: Any, n: int, what: str) -> None:
+        # scipy's own check says only "dimension mismatch", naming neither argument nor sizes
+        shp = tuple(getattr(x, "shape", np.shape(x)))
+        if shp not in ((n,), (n, 1)):
+            raise ValueError(f"{type(self).__name__}.{what}: x must have shape ({n},) or ({n}, 1), got {shp}")
+
+    def matvec(self, x):
+        self._check_vector(x, self.shape[1], "matvec")
+        return super().matvec(x)
+
+    def rmatvec(self, x):
+        self._check_vector(x, self.shape[0], "rmatvec")
+        return super().rmatvec(x)
 
     def _matvec(self, x):
         return self._run(x, self._apply, self.in_shape, self.shape[0], columns=False)
@@ -271,7 +291,10 @@ def dottest(
         from .adapt import as_operator  # adapt imports this module
 
         op = as_operator(op, name="op")
-    rng = np.random.default_rng(rng)
+    try:
+        rng = np.random.default_rng(rng)
+    except (TypeError, ValueError) as exc:  # numpy's message does not name the argument
+        raise TypeError(f"rng must be a numpy Generator, a non-negative int seed or None, got {rng!r} ({exc})") from None
     n_out, n_in = op.shape
     x = rng.standard_normal(n_in).astype(dtype)
     y = rng.standard_normal(n_out).astype(dtype)

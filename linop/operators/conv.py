@@ -52,7 +52,13 @@ def as_cpu_tensor(a: Any, name: str) -> torch.Tensor:
     if isinstance(a, torch.Tensor):
         t = a.detach().to("cpu").clone()
     else:
-        t = torch.from_numpy(np.array(backend.to_numpy(a), copy=True))
+        try:
+            arr = np.array(backend.to_numpy(a), copy=True)
+        except (TypeError, ValueError) as exc:  # ragged nesting and the like
+            raise TypeError(f"{name} must be an array / tensor of real numbers ({exc})") from None
+        if arr.dtype.kind not in "biuf":  # strings, objects, complex: torch's message names no argument
+            raise TypeError(f"{name} must be an array / tensor of real numbers, got {type(a).__name__} of dtype {arr.dtype}")
+        t = torch.from_numpy(arr)
     if t.dtype not in (torch.float32, torch.float64):
         if t.is_floating_point() or t.dtype in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.bool):
             t = t.to(torch.float64)

@@ -76,7 +76,7 @@ def _as_torch_batch(a_hat: Any, y: Any) -> tuple[torch.Tensor, torch.Tensor, boo
     yt = yt.to(device=a.device, dtype=torch.int64)
     if N and (int(yt.min()) < 0 or int(yt.max()) >= n):
         bad = int(yt[(yt < 0) | (yt >= n)][0])
-        raise ValueError(f"embed: label {bad} out of range [0, {n}) for {n} classes")
+        raise ValueError(f"embed: y: label {bad} out of range [0, {n}) for {n} classes")
     return a, yt, squeeze
 
 

@@ -216,7 +216,7 @@ class _Plan:
 
 
 def _check_options(net: Any, embedding: str, solver: str, tol: Any, maxiter: Any, maxpool: str, avgpool: str,
-                   relu: str, fanout: str) -> None:
+                   relu: str, fanout: str, clip_margin: Any = inverse.DEFAULT_CLIP_MARGIN) -> None:
     """ValueError naming the argument for every bad option, before any work."""
     if not isinstance(net, EquivalentNetwork):
         raise ValueError(f"net must be an EquivalentNetwork (see linop.from_torch), got {type(net).__name__}")
@@ -233,6 +233,11 @@ def _check_options(net: Any, embedding: str, solver: str, tol: Any, maxiter: Any
     if maxiter is not None and (isinstance(maxiter, bool) or not isinstance(maxiter, (int, np.integer))
                                 or maxiter < 1):
         raise ValueError(f"maxiter must be a positive integer or None, got {maxiter!r}")
+    # up front, whatever the path: only tanh / sigmoid steps read it (with their own, tighter
+    # upper bound), so a NaN / negative margin used to pass silently on ReLU networks
+    if isinstance(clip_margin, bool) or not isinstance(clip_margin, (int, float, np.integer, np.floating)) \
+            or not 0.0 < float(clip_margin) < 1.0:
+        raise ValueError(f"clip_margin must be a number in (0, 1), got {clip_margin!r}")
 
 
 def _plan(net: EquivalentNetwork, to_layer: str, fanout: str, keep: Iterable[str] | None) -> _Plan:
@@ -392,10 +397,13 @@ def reconstruct(
     -------
     Reconstruction
     """
-    _check_options(net, embedding, solver, tol, maxiter, maxpool, avgpool, relu, fanout)
+    _check_options(net, embedding, solver, tol, maxiter, maxpool, avgpool, relu, fanout, clip_margin)
     plan = _plan(net, to_layer, fanout, keep)
     # finite, real, non-empty, not half precision; cast to the network's dtype (linop.validate)
     x = validate.batch(x, net.dtype, "x", sample_ndim=len(net.input_shape))
+    shape = tuple(net.input_shape)
+    if tuple(x.shape) != shape and tuple(x.shape[1:]) != shape:  # else the network's message names no argument
+        raise ValueError(f"x must have shape (N, {', '.join(map(str, shape))}) or {shape}, got {tuple(x.shape)}")
     _check_memory(net, plan, x, max_bytes)
     options = ReverseOptions(solver=solver, tol=tol, maxiter=maxiter, clip_margin=clip_margin, maxpool=maxpool,
                              avgpool=avgpool, relu=relu, keep_unchanged=keep_unchanged)

@@ -67,11 +67,15 @@ def _auto_padded(op: Operator, need_dense: int, max_bytes: int) -> str:
 
 
 def _options(method: str, tol: float | None, maxiter: int | None, kw: dict) -> SolveOptions:
-    if method not in METHODS:
+    if not isinstance(method, str) or method not in METHODS:
         raise ValueError(f"solve: method must be one of {tuple(METHODS)}, got {method!r}")
-    if tol is not None and not (0 < float(tol) < 1):
-        raise ValueError(f"solve: tol must be in (0, 1), got {tol!r}")
-    if maxiter is not None and int(maxiter) < 1:
+    # a number, not a string / array / bool (float("1e-3") or an array's truth value would
+    # either slip through or fail deep inside numpy without naming the argument)
+    if tol is not None and (isinstance(tol, bool) or not isinstance(tol, (int, float, np.floating, np.integer))
+                            or not (0 < float(tol) < 1)):
+        raise ValueError(f"solve: tol must be a number in (0, 1), got {tol!r}")
+    if maxiter is not None and (isinstance(maxiter, bool) or not isinstance(maxiter, (int, np.integer))
+                                or int(maxiter) < 1):
         raise ValueError(f"solve: maxiter must be a positive integer, got {maxiter!r}")
     progress = bool(kw.pop("progress", False))
     max_bytes = int(kw.pop("max_bytes", DEFAULT_MAX_BYTES))

@@ -108,7 +108,10 @@ class Problem:
 
 
 def _flat_batch(x: Any, n: int, shape: tuple[int, ...], what: str, device, dtype) -> torch.Tensor:
-    t = backend.to_torch(x)
+    try:
+        t = backend.to_torch(x)
+    except (TypeError, ValueError, RuntimeError) as exc:  # strings, ragged lists, objects
+        raise TypeError(f"solve: {what} must be an array / tensor of floats, got {type(x).__name__} ({exc})") from None
     if not t.is_floating_point():
         raise ValueError(f"solve: {what} must be floating point, got dtype {t.dtype}")
     if (t.ndim >= 1 and tuple(t.shape[1:]) == tuple(shape)) or (t.ndim == 2 and t.shape[1] == n):
@@ -152,7 +155,10 @@ def prepare(W: Any, z_star: Any, a_hat: Any, b: Any = None, dtype: torch.dtype |
     if a_hat is None or z_star is None:
         raise ValueError("solve: a_hat and z_star are required")
     op = as_operator(W, "W")
-    a_t = backend.to_torch(a_hat)
+    try:
+        a_t = backend.to_torch(a_hat)
+    except (TypeError, ValueError, RuntimeError) as exc:  # strings, ragged lists, objects
+        raise TypeError(f"solve: a_hat must be an array / tensor of floats, got {type(a_hat).__name__} ({exc})") from None
     device = a_t.device
     dt = dtype or (a_t.dtype if a_t.is_floating_point() else torch.float64)
     n_out, n_in = op.shape

@@ -138,6 +138,12 @@ def output_dir(path: Any, name: str = "out_dir") -> Path:
     return out
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it: set, then restore at once
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically; create the parent directory if needed.
 
@@ -155,6 +161,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             if attempt:
                 raise
     try:
+        # mkstemp creates 0600; a result file gets the mode a plain open() would give it
+        os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
         os.replace(tmp, path)
