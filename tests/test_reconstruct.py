@@ -408,7 +408,7 @@ def test_reconstruct_errors():
         reconstruct(net, x, y, embedding="softmax")
     with pytest.raises(ValueError, match="maxpool"):
         reconstruct(net, x, y, maxpool="spread")
-    with pytest.raises(ValueError, match="max_bytes"):
+    with pytest.raises(MemoryError, match=r"bytes.*> max_bytes=100 bytes"):
         reconstruct(net, x, y, max_bytes=100)
 
 

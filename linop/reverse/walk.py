@@ -70,6 +70,7 @@ from .. import validate
 from .embed import EMBEDDINGS, embed
 from ..solvers import METHODS as SOLVE_METHODS
 from ..network.graph import EquivalentNetwork
+from ..utils import gib
 from ..network.reverse import ReverseOptions, StepReport, relative_misfit
 
 __all__ = [
@@ -271,14 +272,17 @@ def _plan(net: EquivalentNetwork, to_layer: str, fanout: str, keep: Iterable[str
 
 def _check_memory(net: EquivalentNetwork, plan: _Plan, x: torch.Tensor, max_bytes: int | None) -> None:
     """Refuse a walk whose live tensors (forward values on the path + kept a*) exceed ``max_bytes``."""
+    if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, (int, np.integer))
+                                  or max_bytes <= 0):
+        raise ValueError(f"max_bytes must be a positive number of bytes or None, got {max_bytes!r}")
     N = x.shape[0] if x.dim() > len(net.input_shape) else 1
     per_sample = (sum(math.prod(net.node(k).out_shape) for k in plan.need)
                   + sum(math.prod(net.node(k).out_shape) for k in plan.kept)) * x.element_size()
     if max_bytes is not None and N * per_sample > max_bytes:
-        raise ValueError(
+        raise MemoryError(
             f"reconstruct: the forward values of {len(plan.need)} nodes and a* of {len(plan.kept)} for {N} samples "
-            f"need {N * per_sample / 2**30:.2f} GiB > max_bytes={max_bytes / 2**30:.2f} GiB; pass fewer "
-            f"samples (at most {max(1, max_bytes // per_sample)}), fewer nodes in keep=, or raise max_bytes"
+            f"need {N * per_sample:,} bytes ({gib(N * per_sample)}) > max_bytes={int(max_bytes):,} bytes; pass "
+            f"fewer samples (at most {max_bytes // per_sample}), fewer nodes in keep=, or raise max_bytes"
         )
 
 
