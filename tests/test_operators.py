@@ -695,3 +695,15 @@ def test_masks_follow_the_single_sample_batch_rule():
         LeakyReLUMask(torch.zeros(2, 3, 4, 4), 0.1, shape=(3, 4, 4))
     with pytest.raises(ValueError, match="one sample"):
         MaxPool2d(torch.zeros(2, 3, 4, 4), 2)
+
+
+def test_composite_to_sparse_bounds_its_size_before_assembling():
+    """Issue 12: a composite's CSR is refused (MemoryError with the size) before any product is
+    formed when its non-zero bound exceeds max_bytes; the bound really bounds the assembled nnz."""
+    rng = np.random.default_rng(0)
+    c1 = Conv2d(rng.standard_normal((4, 3, 3, 3)), input_shape=(3, 8, 8), padding=1)
+    c2 = Conv2d(rng.standard_normal((5, 4, 3, 3)), input_shape=(4, 8, 8), padding=1)
+    for op in (Chain([c1, c2]), Sum([c1, c1]), VStack([c1, c1])):
+        assert op.to_sparse().nnz <= op.nnz_bound()
+        with pytest.raises(MemoryError, match=r"non-zeros.*bytes.*max_bytes=1,000 bytes"):
+            op.to_sparse(max_bytes=1000)

@@ -42,6 +42,15 @@ __all__ = [
 ]
 
 
+def _nnz(op: Operator) -> int:
+    """Non-zeros of a part: its own bound for a composite, else its structural pattern."""
+    return op.nnz_bound() if isinstance(op, _Composite) else int(op.structure[0][-1])
+
+
+def _row_counts(op: Operator) -> np.ndarray:
+    return np.diff(op.structure[0]).astype(np.float64)
+
+
 class _Composite(Operator):
     """Operators built from others; their explicit matrix is built from the parts' CSR
     matrices (so each part's fast assembly is used) by sparse vstack / sum / product."""
@@ -51,8 +60,26 @@ class _Composite(Operator):
     def _sparse(self, dtype) -> scipy.sparse.csr_matrix:
         raise NotImplementedError
 
-    def to_sparse(self, gpu: bool = False, dtype: Any = None):
+    def nnz_bound(self) -> int:
+        """An upper bound of the non-zeros of :meth:`to_sparse`, from the parts' patterns only
+        (no product is formed): the sum of the parts' for stacks and sums; for a chain the
+        row-count bound ``r ← |A_i| r`` (``rowcount(AB) ≤ |A| rowcount(B)``), capped at the
+        input size per row."""
+        return int(sum(_nnz(op) for op in self.ops))
+
+    def to_sparse(self, gpu: bool = False, dtype: Any = None, max_bytes: int | None = None):
+        """Explicit CSR from the parts' CSR matrices; refused (``MemoryError``, before any product
+        is formed) when the :meth:`nnz_bound` estimate exceeds ``max_bytes`` (default
+        :data:`~linop.operators.conv.DEFAULT_MAX_SPARSE_BYTES`)."""
         dt = numpy_dtype(dtype) if dtype is not None else self.dtype
+        limit = DEFAULT_MAX_SPARSE_BYTES if max_bytes is None else int(max_bytes)
+        nnz = self.nnz_bound()
+        need = nnz * (dt.itemsize + np.dtype(index_dtype(nnz, max(self.shape))).itemsize) + 8 * (self.shape[0] + 1)
+        if need > limit:
+            raise MemoryError(
+                f"{type(self).__name__}.to_sparse: up to {nnz:,} non-zeros, ~{need:,} bytes "
+                f"({need / 2**30:.3g} GiB) > max_bytes={limit:,} bytes; use the matrix-free matvec / "
+                f"rmatvec, or pass a larger max_bytes")
         A = scipy.sparse.csr_matrix(self._sparse(dt), dtype=dt)
         A.sum_duplicates()
         A.sort_indices()
@@ -161,6 +188,15 @@ class Chain(_Composite):
             y = op._apply_adjoint(y)
         return y
 
+    def nnz_bound(self) -> int:
+        n_in = self.shape[1]
+        r = np.minimum(_row_counts(self.ops[0]), n_in)
+        for op in self.ops[1:]:
+            indptr, indices = op.structure
+            P = scipy.sparse.csr_matrix((np.ones(indices.size), indices, indptr), shape=op.shape)
+            r = np.minimum(P @ r, n_in)  # rowcount(A B) ≤ |A| rowcount(B), at most n_in per row
+        return int(r.sum())
+
     def _sparse(self, dtype):
         A = self.ops[0].to_sparse(dtype=dtype)
         for op in self.ops[1:]:
@@ -261,6 +297,9 @@ class Concat(BlockRow):
 
     A permutation of the stacked inputs (the identity for ``axis=0`` in C order), evaluated by
     ``torch.cat`` / ``torch.split``; its CSR stacks the parts' rows and permutes them."""
+
+    def nnz_bound(self) -> int:
+        return int(self.shape[0])  # a permutation: one entry per row
 
     def __init__(self, part_shapes: Sequence[Sequence[int]], axis: int = 0, dtype: Any = np.float64):
         shapes = [as_shape(s, "part_shapes[i]") for s in part_shapes]
