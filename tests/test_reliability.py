@@ -2,9 +2,7 @@
 codes, safe loading, damaged caches rebuilt, no duplicate records, no temporary files left."""
 from __future__ import annotations
 
-import json
 import pickle
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -146,18 +144,6 @@ def test_ctrl_c_exits_130_with_one_line(monkeypatch, tmp_path, capsys):
     rc, err = _cli(["verify", "--out", str(tmp_path / "o"), "--n-images", "1"], capsys)
     assert rc == 130 and "Traceback" not in err
     assert err == f"linop verify: interrupted; finished results are kept in {tmp_path / 'o'}; rerun the same command to resume"
-
-
-@pytest.fixture
-def vgg7_checkpoint(tmp_path):
-    train = pytest.importorskip("models.train")
-    torch.manual_seed(0)
-    kw = {"num_classes": 10, "in_channels": 3}
-    model = train.build_model("vgg7", **kw).eval()
-    meta = {"model": "vgg7", "kwargs": kw, "data": "digits32", "input_shape": [3, 32, 32], "normalize": "none"}
-    path = tmp_path / "vgg7_random.pt"
-    train.save_checkpoint(path, model, meta)
-    return path
 
 
 def test_verify_exits_1_when_a_criterion_fails(monkeypatch, tmp_path, capsys, vgg7_checkpoint):

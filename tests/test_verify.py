@@ -331,20 +331,6 @@ def test_cli_errors(tmp_path, capsys):
     assert rc != 0 and "--memory-budget" in err
 
 
-@pytest.fixture
-def vgg7_checkpoint(tmp_path):
-    """A freshly initialised VGG7 saved in the models.train checkpoint format (the seed-000
-    identity holds for any weights, so no training is needed to exercise the CLI)."""
-    train = pytest.importorskip("models.train")
-    torch.manual_seed(0)
-    kw = {"num_classes": 10, "in_channels": 3}
-    model = train.build_model("vgg7", **kw).eval()
-    meta = {"model": "vgg7", "kwargs": kw, "data": "digits32", "input_shape": [3, 32, 32], "normalize": "none"}
-    path = tmp_path / "vgg7_random.pt"
-    train.save_checkpoint(path, model, meta)
-    return path
-
-
 def test_cli_errors_with_checkpoint(tmp_path, capsys, standin, vgg7_checkpoint):
     ck = ["--checkpoint", str(vgg7_checkpoint), "--out", str(tmp_path / "o")]
     rc, _, err = _cli(ck + ["--layers", "Conv9"], capsys)
