@@ -133,12 +133,15 @@ def test_memory_refusal_names_size_and_alternative():
         solve(op, z, a, method="fft-exact", max_bytes=10_000)
 
 
-def test_refuses_strided_convs():
+def test_strided_convs_are_exact():
+    """Strided convs (any input size) go to the polyphase solver: the dense answer to ~eps·cond."""
     rng = np.random.default_rng(0)
     w = torch.tensor(rng.standard_normal((2, 3, 3, 3)))
-    op = Conv2d(w, (3, 8, 8), stride=2)
-    with pytest.raises(NotImplementedError, match="stride"):
-        solve(op, rng.standard_normal((1,) + op.out_shape), rng.standard_normal((1, 3, 8, 8)), method="fft-exact")
+    op = Conv2d(w, (3, 9, 8), stride=2)
+    z, a = rng.standard_normal((1,) + op.out_shape), rng.standard_normal((1, 3, 9, 8))
+    res, de = solve(op, z, a, method="fft-exact"), solve(op, z, a, method="dense")
+    assert "polyphase" in res.info["algorithm"]
+    assert np.abs(np.asarray(res.a) - np.asarray(de.a)).max() <= 1e-10 * np.abs(np.asarray(de.a)).max()
 
 
 @pytest.mark.parametrize("c_out, c_in, padding", [(3, 5, 1), (5, 3, "same"), (4, 4, (0, 2, 1, 0))])
@@ -163,10 +166,12 @@ def test_auto_prefers_fft_exact_for_stride1_and_dense_for_strided_layers():
     # ResNet20's 96→96 'same' conv on 8×8: the padded FFT + capacitance path (m = 3,264) fits
     same = Conv2d(torch.tensor(rng.standard_normal((96, 96, 3, 3))), (96, 8, 8), padding=1)
     assert ls.auto_method(same, ls.DEFAULT_MAX_BYTES) == "fft-exact"
-    # a stride-2 conv (no FFT path yet): the dense factorisation while it fits (n_out = 1,536), else CG
-    strided = Conv2d(torch.tensor(rng.standard_normal((96, 32, 3, 3))), (32, 8, 8), padding=1, stride=2)
-    assert ls.auto_method(strided, ls.DEFAULT_MAX_BYTES) == "dense"
-    assert ls.auto_method(strided, 2**20) == "cg"
+    # a stride-2 conv: polyphase fft-exact (capacitance smaller than the dense factor), else the
+    # torus-preconditioned CG (also when 9 is not a multiple of the stride)
+    for size in (8, 9):
+        strided = Conv2d(torch.tensor(rng.standard_normal((96, 32, 3, 3))), (32, size, size), padding=1, stride=2)
+        assert ls.auto_method(strided, ls.DEFAULT_MAX_BYTES) == "fft-exact"
+        assert ls.auto_method(strided, 2**20) == "fft-pcg"
 
 
 @pytest.mark.gpu

@@ -140,7 +140,18 @@ def test_ill_conditioned_square_layer_is_refined():
     assert rel_err(d.reshape(3, -1), r.reshape(3, -1).numpy() @ pinv.T) <= 1e-8
 
 
-@pytest.mark.parametrize("kind", ["zero_mean", "rank_deficient", "padding_ge_kernel"])
+def test_zero_rows_join_the_boundary_exactly():
+    """Padding 3 ≥ kernel 3: outputs reading padding only are zero rows of W (W tall, rank
+    deficient).  They join the boundary (W⁺ ignores them): a direct solve at λ = 0, no Tikhonov."""
+    _, op, r = make(4, 2, (3, 3), 7, 9, seed=0, padding=3)
+    _, pinv, _, cond = dense(op)
+    ps = PaddedConvSolver(op)
+    assert ps.lam == 0.0 and ps.boundary.size > ps.geo.boundary.size
+    d, _ = ps.solve(r)
+    assert rel_err(d.reshape(3, -1), r.reshape(3, -1).numpy() @ pinv.T) <= 1e-10  # cond(W) on its range < 1e2
+
+
+@pytest.mark.parametrize("kind", ["zero_mean", "rank_deficient"])
 def test_singular_cases_use_tikhonov_refinement(kind):
     if kind == "zero_mean":  # every kernel sums to 0: K̂(0,0) = 0, a singular frequency
         rng = np.random.default_rng(5)
@@ -148,10 +159,8 @@ def test_singular_cases_use_tikhonov_refinement(kind):
         w -= w.mean(axis=(2, 3), keepdims=True)
         op = Conv2d(torch.tensor(w), (4, 7, 8), padding="same")
         r = torch.tensor(rng.standard_normal((3,) + op.out_shape))
-    elif kind == "rank_deficient":  # 2×2 kernel, padding 1: W has 2 structural zero singular values
+    else:  # 2×2 kernel, padding 1: W has 2 structural zero singular values
         _, op, r = make(2, 1, (2, 2), 8, 11, seed=0, padding=1)
-    else:  # padding 3 ≥ kernel 3: outputs reading padding only (zero rows), W tall
-        _, op, r = make(4, 2, (3, 3), 7, 9, seed=0, padding=3)
     _, pinv, _, _ = dense(op)
     ps = PaddedConvSolver(op)
     assert ps.lam > 0.0

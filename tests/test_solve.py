@@ -195,8 +195,8 @@ def test_errors():
     with pytest.raises(NotImplementedError, match="stride"):
         solve(op, z4, a4, method="fft")
     op = Conv2d(torch.tensor(rng.standard_normal((2, 3, 3, 3))), (3, 8, 8), padding=1)
-    with pytest.raises(NotImplementedError, match="padding"):
-        solve(op, rng.standard_normal((1,) + op.out_shape), a4, method="fft-pcg")
+    with pytest.raises(NotImplementedError, match="padding"):  # the paper's path; fft-pcg / fft-exact cover it
+        solve(op, rng.standard_normal((1,) + op.out_shape), a4, method="fft")
     with pytest.raises(ValueError, match="Conv2d"):
         solve(W, z, a, method="fft")
 
@@ -208,7 +208,8 @@ def test_auto_picks_dense_small_and_fft_pcg_for_large_convs():
     assert solve(op, z, a).method == "dense"
     assert solve(op, z, a, max_bytes=1000).method == "fft-pcg"
     op2 = Conv2d(torch.tensor(rng.standard_normal((2, 3, 3, 3))), (3, 8, 8), stride=2)
-    assert solve(op2, rng.standard_normal((1,) + op2.out_shape), a, max_bytes=1000).method == "cg"
+    # strided: over every factorisation budget, the (polyphase) torus-preconditioned CG
+    assert solve(op2, rng.standard_normal((1,) + op2.out_shape), a, max_bytes=1000).method == "fft-pcg"
 
 
 @pytest.mark.gpu

@@ -13,57 +13,59 @@ from .capacitance import capacitance_bytes
 from .case import problem_case
 from .dense import dense_bytes
 from .fft import conv_spec
-from .fft_padded import padded_conv_bytes
-from .methods import stride1_conv_spec
+from .fft_padded import exact_conv_bytes
+from .methods import exact_conv_spec
 from .registry import METHODS, SolveOptions, get_method
 from .result import DEFAULT_MAX_BYTES, Problem, SolveResult, prepare
 
-__all__ = ["solve", "auto_method", "AUTO_DENSE_BYTES", "AUTO_DENSE_BYTES_NO_FFT", "AUTO_CAPACITANCE_BYTES"]
+__all__ = ["AUTO_CAPACITANCE_BYTES", "AUTO_DENSE_BYTES", "AUTO_DENSE_BYTES_NO_FFT", "auto_method", "solve"]
 
 #: "auto" uses the dense method below this many bytes of factorisation.
 AUTO_DENSE_BYTES = 256 * 1024**2
-#: ... and up to this many (1.5 GiB) for layers no FFT path covers (padded / strided convs, e.g. ResNet20's
-#: 96→96 'same' convs on 8×8: n = 6144, 1.2 GB by dense_bytes' conservative count, one ~1 s Cholesky),
-#: where CG is slow.
+#: ... and up to this many (1.5 GiB) for operators no FFT path covers (non-conv operators, convs whose
+#: stride does not divide the input size) and for convs whose capacitance is larger than the dense factor.
 AUTO_DENSE_BYTES_NO_FFT = 3 * 1024**3 // 2
 #: "auto" uses fft-exact when its capacitance matrix needs at most this many bytes.
 AUTO_CAPACITANCE_BYTES = 1024**3
 
 
 def auto_method(op: Operator, max_bytes: int) -> str:
-    """The method ``"auto"`` picks for ``op`` under the memory budget ``max_bytes``.
+    """The method ``"auto"`` picks for ``op`` under the memory budget ``max_bytes``: the fastest exact one.
 
-    ``dense`` when its factorisation is small (:data:`AUTO_DENSE_BYTES`); for stride-1
-    unpadded convs ``fft-exact`` when its capacitance matrix fits
-    (:data:`AUTO_CAPACITANCE_BYTES`), else ``fft-pcg``; other operators ``dense`` up to
-    :data:`AUTO_DENSE_BYTES_NO_FFT`, else ``cg`` (every bound also capped by ``max_bytes``).
+    * stride-1 unpadded convs: ``dense`` when its factorisation is small
+      (:data:`AUTO_DENSE_BYTES`), else ``fft-exact`` when its capacitance matrix fits
+      (:data:`AUTO_CAPACITANCE_BYTES`), else ``fft-pcg``;
+    * every other :class:`~linop.operators.Conv2d` (padding, stride, dilation, groups):
+      ``fft-exact`` (:class:`.ExactConvSolver`) when its factorisations fit and are smaller than
+      the dense one (both are ``O(m³)`` direct factorisations, so the smaller is the faster),
+      else ``dense`` up to :data:`AUTO_DENSE_BYTES_NO_FFT`, else ``fft-pcg`` (CG preconditioned by
+      the torus FFT solve); ``cg`` where no polyphase form exists (a stride not dividing the size);
+    * other operators: ``dense`` up to :data:`AUTO_DENSE_BYTES_NO_FFT`, else ``cg``.
+
+    Every bound is also capped by ``max_bytes``.
     """
     need = dense_bytes(op.shape)
-    if need <= min(AUTO_DENSE_BYTES, max_bytes):
-        return "dense"
     try:
         w, (_, H, Wd) = conv_spec(op)
     except (ValueError, NotImplementedError):
-        return _auto_padded(op, need, max_bytes)
+        return _auto_other(op, need, max_bytes)
+    if need <= min(AUTO_DENSE_BYTES, max_bytes):
+        return "dense"
     cap = capacitance_bytes(int(w.shape[0]), H, Wd, int(w.shape[2]), int(w.shape[3]))
     return "fft-exact" if cap <= min(AUTO_CAPACITANCE_BYTES, max_bytes) else "fft-pcg"
 
 
-def _auto_padded(op: Operator, need_dense: int, max_bytes: int) -> str:
-    """Padded / dilated / grouped stride-1 convs: ``fft-exact`` (boundary + ring capacitance,
-    :class:`.PaddedConvSolver`) while its factorisation fits; else dense, else ``cg``."""
+def _auto_other(op: Operator, need_dense: int, max_bytes: int) -> str:
+    """Padded / strided / dilated / grouped convs and non-conv operators (:func:`auto_method`)."""
+    dense_ok = need_dense <= min(AUTO_DENSE_BYTES_NO_FFT, max_bytes)
     try:
-        stride1_conv_spec(op)
-    except (ValueError, NotImplementedError):
-        pass
-    else:
-        c_in = int(op.in_shape[0])
-        cap = padded_conv_bytes(int(op.weight.shape[0]), c_in, tuple(op.in_shape[1:]),
-                                tuple(op.weight.shape[2:]), padding=tuple(op.padding), dilation=tuple(op.dilation))
-        # groups expand the kernel to its block-diagonal form: the same sizes as groups=1
-        if cap <= min(AUTO_CAPACITANCE_BYTES, max_bytes):
-            return "fft-exact"
-    return "dense" if need_dense <= min(AUTO_DENSE_BYTES_NO_FFT, max_bytes) else "cg"
+        exact_conv_spec(op)
+        cap = exact_conv_bytes(op)
+    except (ValueError, NotImplementedError):  # not a conv, or no polyphase form
+        return "dense" if dense_ok else "cg"
+    if cap <= min(AUTO_CAPACITANCE_BYTES, max_bytes) and (cap <= need_dense or not dense_ok):
+        return "fft-exact"
+    return "dense" if dense_ok else "fft-pcg"
 
 
 def _options(method: str, tol: float | None, maxiter: int | None, kw: dict) -> SolveOptions:
@@ -133,7 +135,9 @@ def solve(W: Any, z_star: Any, a_hat: Any, b: Any = None, method: str = "auto", 
     **kw
         ``solver=`` a prebuilt :class:`DenseSolver` (dense) or ``fft_solver=`` a prebuilt
         :class:`FFTConvSolver` (fft, fft-pcg, fft-exact) or ``capacitance_solver=`` a prebuilt
-        :class:`CapacitanceSolver` (fft-exact), to factor once per layer across batches;
+        :class:`CapacitanceSolver` (fft-exact, unpadded stride-1 convs) or ``padded_solver=`` a
+        prebuilt :class:`~linop.solvers.fft_padded.ExactConvSolver` (fft-exact / fft-pcg on any
+        other conv), to factor once per layer across batches;
         ``max_bytes=`` memory budget of the dense / fft-exact factorisations; ``cond_limit=``, ``rtol=``
         (dense); ``conlim=`` (lsmr/lsqr); ``rcond=``, ``reg=`` (fft); ``progress=True``;
         ``reference=`` an exact ``a*`` to report ``info["dist_to_exact"]`` against.

@@ -71,7 +71,8 @@ def conv_spec(W: Any) -> tuple[torch.Tensor, tuple[int, int, int]]:
     ------
     NotImplementedError
         stride ≠ 1, padding ≠ 0, dilation ≠ 1 or groups ≠ 1 (seed 001 §3.2 covers only
-        stride 1 without padding; use ``method="cg"``/``"lsmr"`` for those layers).
+        stride 1 without padding; ``method="fft-exact"`` covers those layers exactly, so do
+        ``"cg"``/``"lsmr"``).
     ValueError
         ``W`` is not a ``Conv2d`` operator.
     """
@@ -87,7 +88,8 @@ def conv_spec(W: Any) -> tuple[torch.Tensor, tuple[int, int, int]]:
     if problems:
         raise NotImplementedError(
             "solve(method='fft'/'fft-pcg'): the FFT path (seed 001 §3.2) needs stride 1, no padding, dilation 1 "
-            f"and groups 1; this conv has {', '.join(problems)}. Use method='cg' or 'lsmr' (exact, any stride/padding)."
+            f"and groups 1; this conv has {', '.join(problems)}. Use method='fft-exact' (exact: padding, stride, dilation, "
+            "groups) or 'cg' / 'lsmr' (exact, iterative)."
         )
     return W.weight, tuple(int(s) for s in W.in_shape)  # type: ignore[return-value]
 

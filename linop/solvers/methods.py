@@ -10,10 +10,12 @@ Every runner computes the minimum-norm least-squares correction ``a* = â + W⁺
 ``cg``          batched Craig (CG on W Wᵀ, MDP-shaped W; CGLS for samples where it stalls) or
                 CGLS (CCP-shaped W); torch, so CPU, CUDA and cupy.
 ``fft``         seed 001 §3.2 (stride 1, no padding): approximate by construction.
-``fft-pcg``     exact: Fourier-domain CG preconditioned by the FFT solve (beyond the paper).
+``fft-pcg``     exact: Fourier-domain CG preconditioned by the FFT solve (beyond the paper);
+                other convs: CG preconditioned by the circulant solve on the (polyphase) torus.
 ``fft-exact``   exact, direct: FFT + boundary capacitance matrix factored once per layer;
-                unpadded stride-1 convs by :class:`.CapacitanceSolver`, padded ones (any zero
-                padding, dilation, groups) by :class:`.PaddedConvSolver` (boundary + ring).
+                unpadded stride-1 convs by :class:`.CapacitanceSolver`, all others (any zero
+                padding, stride via polyphase, dilation, groups per group) by
+                :class:`.ExactConvSolver` (boundary + ring).
 ==============  ==============================================================================
 """
 from __future__ import annotations
@@ -27,13 +29,22 @@ from .capacitance import CapacitanceSolver
 from .case import shape_case
 from .dense import DenseSolver
 from .fft import FFTConvSolver, conv_spec
-from .fft_padded import PaddedConvSolver
+from .fft_padded import ExactConvSolver, PaddedConvSolver
 from .iterative import cgls, craig
 from .registry import DEFAULT_TOL, SolveOptions, register_method
 from .result import Problem
 from .sparse import lsmr_correction
 
-__all__ = ["run_dense", "run_scipy", "run_cg", "run_fft", "run_fft_pcg", "run_fft_exact", "stride1_conv_spec"]
+__all__ = [
+    "exact_conv_spec",
+    "run_cg",
+    "run_dense",
+    "run_fft",
+    "run_fft_exact",
+    "run_fft_pcg",
+    "run_scipy",
+    "stride1_conv_spec",
+]
 
 Run = "tuple[torch.Tensor, dict[str, Any]]"
 
@@ -56,6 +67,9 @@ def _run_scipy(prob: Problem, opts: SolveOptions, which: str) -> Run:
     mi = int(opts.maxiter) if opts.maxiter is not None else 10 * min(n_out, n_in)
     delta, info = lsmr_correction(prob.op, r, which, tol=float(opts.tol) if opts.tol is not None else 1e-12,
                                   maxiter=mi, conlim=float(opts.extra.pop("conlim", 1e12)), progress=opts.progress)
+    if prob.a_hat.device.type != "cpu":  # said, not hidden: the device-native exact methods are cg / fft-*
+        info["device_note"] = (f"scipy {which} ran on the host: the data went from {prob.a_hat.device} to the "
+                               "CPU and back; on a GPU use method='cg', 'fft-exact' or 'fft-pcg'")
     return prob.a_hat + torch.as_tensor(delta).to(prob.a_hat), info
 
 
@@ -109,7 +123,14 @@ def run_fft(prob: Problem, opts: SolveOptions) -> Run:
 
 
 def run_fft_pcg(prob: Problem, opts: SolveOptions) -> Run:
-    """Fourier-domain PCG (Craig / CGLS) preconditioned by the circulant FFT solve: exact."""
+    """Fourier-domain PCG (Craig / CGLS) preconditioned by the circulant FFT solve: exact.
+
+    Padded / strided / grouped convs: the torus PCG of :class:`PaddedConvSolver` (``method="pcg"``:
+    Craig / CGLS preconditioned by the circulant solve on the (polyphase) torus)."""
+    try:
+        conv_spec(prob.op)
+    except NotImplementedError:
+        return _run_padded(prob, opts, method="pcg")
     fs = _fft_solver(prob, opts)
     tol, mi, r = opts.tol if opts.tol is not None else DEFAULT_TOL, opts.krylov_maxiter(prob.op.shape), prob.rhs()
 
@@ -129,40 +150,52 @@ def run_fft_pcg(prob: Problem, opts: SolveOptions) -> Run:
     return prob.a_hat + delta.reshape(prob.N, -1), info
 
 
-def stride1_conv_spec(W: Any) -> None:
-    """Applicability of ``fft-exact``: a :class:`~linop.operators.Conv2d` of stride 1 (any zero
-    padding, dilation, groups); raises like :func:`conv_spec` otherwise."""
+def exact_conv_spec(W: Any) -> None:
+    """Applicability of ``fft-exact``: any :class:`~linop.operators.Conv2d` (stride, zero padding,
+    dilation, groups); raises like :func:`conv_spec` for other operators."""
     from ..operators.conv import Conv2d
 
     if not isinstance(W, Conv2d):
         conv_spec(W)  # the ValueError naming what W is
-    if tuple(W.stride) != (1, 1):
-        raise NotImplementedError(
-            f"solve(method='fft-exact'): stride={tuple(W.stride)} is not covered (stride 1 only, any padding); "
-            "use method='cg' or 'lsmr' (exact, any stride)")
 
 
-def _run_padded(prob: Problem, opts: SolveOptions) -> Run:
-    """A padded stride-1 conv: :class:`PaddedConvSolver` (prebuilt ``padded_solver=`` or new)."""
+stride1_conv_spec = exact_conv_spec  # the name before strides were covered
+
+
+def fft_pcg_spec(W: Any) -> None:
+    """Applicability of ``fft-pcg``: a conv (unpadded stride-1 ones in the Fourier domain, others
+    via the polyphase / padded torus preconditioner)."""
+    exact_conv_spec(W)
+
+
+def _exact_solver(prob: Problem, opts: SolveOptions, method: str = "auto") -> ExactConvSolver | PaddedConvSolver:
+    """A prebuilt ``padded_solver=`` (checked against W) or a new :class:`ExactConvSolver`."""
     ps = opts.extra.pop("padded_solver", None)
     if ps is None:
         kw = dict(max_bytes=opts.max_bytes, device=prob.a_hat.device, dtype=prob.a_hat.dtype)
         try:
-            ps = PaddedConvSolver.from_operator(prob.op, **kw)
+            return ExactConvSolver.from_operator(prob.op, method=method, **kw)
         except np.linalg.LinAlgError:  # not quasi-definite in floating point: the exact PCG path
-            ps = PaddedConvSolver.from_operator(prob.op, method="pcg", **kw)
-    elif (ps.in_shape, ps.out_shape) != (tuple(prob.op.in_shape), tuple(prob.op.out_shape)):
-        raise ValueError(f"solve: prebuilt PaddedConvSolver maps {ps.in_shape}->{ps.out_shape}, "
+            return ExactConvSolver.from_operator(prob.op, method="pcg", **kw)
+    if (tuple(ps.in_shape), tuple(ps.out_shape)) != (tuple(prob.op.in_shape), tuple(prob.op.out_shape)):
+        raise ValueError(f"solve: prebuilt padded_solver maps {ps.in_shape}->{ps.out_shape}, "
                          f"W maps {prob.op.in_shape}->{prob.op.out_shape}")
+    return ps
+
+
+def _run_padded(prob: Problem, opts: SolveOptions, method: str = "auto") -> Run:
+    """Any other conv: :class:`ExactConvSolver` (groups × polyphase × :class:`PaddedConvSolver`)."""
+    ps = _exact_solver(prob, opts, method)
     tol = float(opts.tol) if opts.tol is not None else None
-    delta, it_info = ps.solve(prob.rhs().reshape((prob.N,) + ps.out_shape), tol=tol, maxiter=opts.maxiter)
+    delta, it_info = ps.solve(prob.rhs().reshape((prob.N,) + tuple(ps.out_shape)), tol=tol, maxiter=opts.maxiter)
     info: dict[str, Any] = {**ps.info(), **it_info, "tol": tol}
     return prob.a_hat + delta.reshape(prob.N, -1).to(prob.a_hat), info
 
 
 def run_fft_exact(prob: Problem, opts: SolveOptions) -> Run:
     """FFT + boundary capacitance matrix (prebuilt ``capacitance_solver=`` or new): exact, direct.
-    Padded (or dilated / grouped) stride-1 convs go to :class:`PaddedConvSolver`."""
+    Padded, strided, dilated or grouped convs go to :class:`ExactConvSolver` (groups × polyphase ×
+    :class:`PaddedConvSolver`)."""
     cs = opts.extra.pop("capacitance_solver", None)
     if cs is None:
         try:
@@ -192,8 +225,8 @@ register_method("lsqr", run_scipy("lsqr"), summary="scipy LSQR per sample on the
 register_method("cg", run_cg, summary="batched Craig / CGLS in torch (exact; CPU, CUDA, cupy)")
 register_method("fft", run_fft, applicable=conv_spec,
                 summary="seed 001 §3.2 FFT solve, stride-1 unpadded convs (approximate)")
-register_method("fft-pcg", run_fft_pcg, applicable=conv_spec,
-                summary="Fourier-domain CG preconditioned by the FFT solve (exact)")
-register_method("fft-exact", run_fft_exact, applicable=stride1_conv_spec,
-                summary="FFT + boundary capacitance matrix, factored once (exact, direct); stride-1 convs, "
-                        "any zero padding")
+register_method("fft-pcg", run_fft_pcg, applicable=fft_pcg_spec,
+                summary="CG preconditioned by the (torus / polyphase) FFT solve (exact); any conv")
+register_method("fft-exact", run_fft_exact, applicable=exact_conv_spec,
+                summary="FFT + boundary/ring capacitance, factored once (exact, direct); any zero padding, "
+                        "stride (polyphase), dilation, groups")

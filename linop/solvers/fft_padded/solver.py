@@ -1,0 +1,321 @@
+"""The padded stride-1 solver: :class:`PaddedConvSolver` (maths in the package docstring)."""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from ... import backend
+from ...operators.conv import Conv2d
+from ..fft import FFTConvSolver, small_lapack
+from ..result import DEFAULT_MAX_BYTES
+from .factor import SINGULAR_COND, SINGULAR_EIG, QuasiDefiniteFactor, lifted_spectra
+from .iterate import padded_pcg
+from .iterate import refine as refine_steps
+from .torus import (
+    all_channels,
+    block_sizes,
+    conv_geometry,
+    effective_kernel,
+    gather,
+    padded_torus,
+    peak_bytes,
+    ring_entries,
+)
+
+__all__ = ["PaddedConvSolver"]
+
+_METHODS = ("auto", "capacitance", "pcg")
+
+
+class PaddedConvSolver:
+    """Exact ``W⁺`` of a padded stride-1 conv via FFT + ring/boundary capacitance, factored once.
+
+    Parameters
+    ----------
+    weight : (C_out, C_in / groups, k_h, k_w) array / tensor, or a :class:`~linop.operators.Conv2d`
+        The network's kernel, or the operator (then its geometry is used and ``in_shape``,
+        ``padding``, ``dilation``, ``groups``, ``stride`` must not be given).
+    in_shape : (C_in, H, W)
+    padding : int, (p_h, p_w), (top, bottom, left, right), ``'same'`` or ``'valid'``
+    dilation : int or pair
+    groups : int
+    stride : must be 1 (``NotImplementedError`` otherwise)
+    torus : (T_h, T_w), optional
+        Torus size (default: the smallest exact one, see :func:`padded_torus`).
+    method : {"auto", "capacitance", "pcg"}
+        ``auto``: the capacitance factorisation when :func:`padded_conv_bytes` ≤ ``max_bytes``,
+        else Fourier-preconditioned CG.  ``capacitance`` raises ``MemoryError`` over budget.
+    rcond : float
+        A frequency whose smallest singular value is below ``rcond · s_max`` is singular;
+        then the Tikhonov lifting (``λ = reg · s_max²``) with refinement is used.
+    reg : float
+        Relative Tikhonov shift of that fallback (and of the PCG preconditioners).  Rounding
+        leaves a null-space component of about ``eps / reg`` relative; each refinement step
+        contracts by ``λ / (σ_min(W)² + λ)``.
+    max_bytes : int
+        Memory budget of the capacitance factorisation.
+    refine : "auto", True or False
+        Iterative refinement after the direct solve (each step one conv and one more solve).
+        The capacitance system is of normal-equations type, so the direct solve's error grows
+        like ``eps·cond(W)²``; ``"auto"`` refines when ``eps·cond_est > 1e-12``.
+    device, dtype : where the factors and spectra live (float64 for exactness).
+    row_chunk : rows per gather chunk while building the blocks.
+    fixed_zero : optional bool mask (C_in, H, W)
+        Image entries held at zero (the solve is ``(W D)⁺`` with ``D`` the 0/1 diagonal of the
+        free entries) — the phase positions that do not exist when a stride does not divide the
+        input size (:mod:`.polyphase`).  They join the ring constraints (:func:`.ring_entries`).
+
+    Notes
+    -----
+    The maths and its equations are in the module docstring.  ``solve(r)`` returns
+    ``δ = W⁺ r``; the reconstruction is ``a* = â + δ`` with ``r = z* − b − W â``.
+    """
+
+    def __init__(self, weight: Any, in_shape: tuple[int, int, int] | None = None, padding: Any = 0,
+                 dilation: Any = 1, groups: int = 1, stride: Any = 1, torus: tuple[int, int] | None = None,
+                 method: str = "auto", rcond: float = 1e-10, reg: float = 1e-6,
+                 max_bytes: int = DEFAULT_MAX_BYTES, refine: bool | str = "auto", device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float64, row_chunk: int = 1024, fixed_zero: Any = None):
+        t0 = time.perf_counter()
+        w, in_shape, padding, dilation, groups, stride = conv_geometry(weight, in_shape, padding, dilation,
+                                                                       groups, stride)
+        if method not in _METHODS:
+            raise ValueError(f"PaddedConvSolver: method must be one of {_METHODS}, got {method!r}")
+        if not (0 < rcond < 1) or not (0 < reg < 1):
+            raise ValueError(f"PaddedConvSolver: rcond and reg must be in (0, 1), got rcond={rcond!r}, reg={reg!r}")
+        self.weight = w.detach().to(device=device, dtype=dtype)
+        self.padding, self.dilation, self.groups = padding, dilation, groups
+        weff = effective_kernel(self.weight, dilation, groups)
+        C_out, C_in, kh, kw = (int(s) for s in weff.shape)
+        _, H, W = in_shape
+        self.geo = padded_torus((H, W), (kh, kw), padding, torus)
+        Ho, Wo = self.geo.out_hw
+        self.C_in, self.C_out, self.H, self.W = C_in, C_out, H, W
+        self.in_shape, self.out_shape = (C_in, H, W), (C_out, Ho, Wo)
+        self.torus = self.geo.torus
+        self.device, self.dtype = torch.device(device), dtype
+        # the circular conv C on the torus (spectra + per-frequency SVDs) — the paper's machinery
+        self.fs = FFTConvSolver(weff, (C_in,) + self.torus, reg=reg, device=device, dtype=dtype)
+        # the direct conv, for residuals (refinement, PCG): same W, no FFT round trips
+        self._op = Conv2d(self.weight.cpu(), in_shape, padding=padding, dilation=dilation, groups=groups)
+        if fixed_zero is not None:
+            fixed_zero = np.asarray(backend.to_numpy(fixed_zero) if not isinstance(fixed_zero, np.ndarray)
+                                    else fixed_zero, dtype=bool)
+            if fixed_zero.shape != self.in_shape:
+                raise ValueError(f"PaddedConvSolver: fixed_zero must be a bool mask of shape {self.in_shape}, "
+                                 f"got {fixed_zero.shape}")
+        self.fixed_zero = fixed_zero
+        self._mask = None if fixed_zero is None else torch.as_tensor(~fixed_zero, device=self.device)
+        # constrained entries: ring (and fixed-zero) entries some valid output reads (ring_entries)
+        support = (weff != 0).any(dim=0).cpu().numpy()
+        self.case = block_sizes(C_out, C_in, self.geo)[0]
+        self.ring, self.boundary = ring_entries(self.geo, support, fixed_zero, self.case)
+        self.mB, self.mP = self.boundary.size * C_out, self.ring.size
+        self.m = self.mB + self.mP
+        self.need_bytes = peak_bytes(self.case, self.mB, self.mP, torch.finfo(dtype).bits // 8)
+        Un, sn, Vhn = self.fs._svd
+        self.s_max = float(sn.max()) if sn.size else 0.0
+        if self.s_max == 0.0:
+            raise ValueError("PaddedConvSolver: the conv kernel is identically zero (W = 0)")
+        self.singular_freqs = int((sn[..., -1] <= rcond * self.s_max).sum())
+        self._B = torch.as_tensor(self.boundary, device=self.device)
+        keep = ~np.isin(self.geo.rows[:, None] * self.torus[1] + self.geo.cols[None, :], self.boundary)
+        self._zero_rows = None if keep.all() else torch.as_tensor(keep, device=self.device, dtype=dtype)
+        self._P = torch.as_tensor(self.ring, device=self.device)
+        self._rows = torch.as_tensor(self.geo.rows, device=self.device)
+        self._cols = torch.as_tensor(self.geo.cols, device=self.device)
+        self.reg, self.lam, self.cond_est = reg, 0.0, (float("nan"), float("nan"))
+        if method == "capacitance" and self.need_bytes > max_bytes:
+            raise MemoryError(
+                f"PaddedConvSolver: the capacitance system is {self.m}x{self.m} ({self.boundary.size} boundary "
+                f"x {C_out} out + {self.ring.size} constrained ring entries of {C_in} in channels) and needs about "
+                f"{self.need_bytes / 2**30:.2f} GiB > max_bytes {max_bytes / 2**30:.2f} GiB. Use method='pcg' "
+                "(exact, iterative, O(batch) memory), or raise max_bytes="
+            )
+        self.method = "capacitance" if (method == "capacitance" or
+                                        (method == "auto" and self.need_bytes <= max_bytes)) else "pcg"
+        if self.method == "capacitance":
+            self.lam = 0.0 if self.singular_freqs == 0 else reg * self.s_max**2
+            ok = self._factor(Un, sn, Vhn, row_chunk)
+            if ok and self.lam == 0.0 and (max(self.cond_est) > SINGULAR_COND
+                                           or self._qd.min_eig_est < SINGULAR_EIG):
+                ok = False  # Cholesky passed on rounding alone: the Schur complement is singular
+            if not ok and self.lam == 0.0:  # K̂ invertible per frequency but W itself is not of full rank
+                self.lam = reg * self.s_max**2
+                ok = self._factor(Un, sn, Vhn, row_chunk)
+            if not ok:
+                raise np.linalg.LinAlgError(
+                    f"PaddedConvSolver: the regularised capacitance system ({self.m}x{self.m}, λ={self.lam:.3e}) "
+                    "is not quasi-definite in floating point; use method='pcg'")
+        if refine not in ("auto", True, False):
+            raise ValueError(f"PaddedConvSolver: refine must be 'auto', True or False, got {refine!r}")
+        # eps·cond(capacitance) overestimates the direct solve's relative error by ~10–100x
+        # (measured); above 1e-12 one or two refinement steps bring it to ~eps·cond(W).
+        self.refine = (bool(refine) if refine != "auto" else
+                       self.method == "capacitance" and np.finfo(np.float64).eps * max(self.cond_est) > 1e-12)
+        self.factor_seconds = time.perf_counter() - t0
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_operator(cls, op: Any, **kw: Any) -> PaddedConvSolver:
+        """Build from a :class:`~linop.operators.Conv2d` (its weight, shape, padding, dilation, groups)."""
+        return cls(op, **kw)
+
+    # ------------------------------------------------------------------ once per layer
+    def _factor(self, Un: np.ndarray, sn: np.ndarray, Vhn: np.ndarray, row_chunk: int) -> bool:
+        with small_lapack():
+            A, G, Z = lifted_spectra(self.case, self.lam, self.s_max, Un, sn, Vhn)
+        cdt = self.fs.khat.dtype
+        to = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(self.device, cdt)
+        Ah, Gh, Zh = to(A), to(G), to(Z)
+        # per-batch products: [Â; Ĝ] on Sᵀ r̃ (right-hand sides), [Ĝ, Ẑ_s] on (c, E_P x_P) (lift back)
+        self._AG = torch.cat([Ah, Gh], dim=-2).contiguous()
+        self._GZ = torch.cat([Gh, Zh], dim=-1).contiguous()
+        Th, Tw = self.torus
+        spatial = lambda M: torch.fft.irfft2(M.permute(2, 3, 0, 1), s=(Th, Tw)).reshape(M.shape[2], M.shape[3], -1)
+        B, P = all_channels(self.C_out, self.boundary), np.divmod(self.ring, self.torus[0] * self.torus[1])
+        if self.case == "MDP":  # definite block B first
+            F1 = gather(spatial(Ah), B, B, self.torus, row_chunk)
+            S2 = lambda: gather(spatial(Zh), P, P, self.torus, row_chunk)
+            coupling = lambda: gather(spatial(Gh), P, B, self.torus, row_chunk).T  # G_BP = G_PBᵀ
+        else:  # definite block P first
+            F1 = gather(spatial(Zh), P, P, self.torus, row_chunk)
+            S2 = lambda: gather(spatial(Ah), B, B, self.torus, row_chunk)
+            coupling = lambda: gather(spatial(Gh), P, B, self.torus, row_chunk)  # G_PB
+        self._qd = QuasiDefiniteFactor(F1, coupling, S2, definite_first="B" if self.case == "MDP" else "P")
+        self.cond_est = self._qd.cond_est
+        return self._qd.ok
+
+    # ------------------------------------------------------------------ torus helpers
+    def _mul(self, M: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+        return self.fs._mul(M, X)
+
+    def _rfft(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.fft.rfft2(x)
+
+    def _irfft(self, X: torch.Tensor) -> torch.Tensor:
+        return torch.fft.irfft2(X, s=self.torus)
+
+    def select(self, c: torch.Tensor) -> torch.Tensor:
+        """``S``: the outputs of a torus batch (N, C, T_h, T_w) → (N, C, H_out, W_out)."""
+        return c[:, :, self._rows[:, None], self._cols[None, :]]
+
+    def place(self, y: torch.Tensor) -> torch.Tensor:
+        """``Sᵀ``: an output batch on a zero torus."""
+        out = y.new_zeros((y.shape[0], y.shape[1]) + self.torus)
+        out[:, :, self._rows[:, None], self._cols[None, :]] = y
+        return out
+
+    def embed(self, a: torch.Tensor) -> torch.Tensor:
+        """``E``: an input batch at the top-left of a zero torus."""
+        out = a.new_zeros((a.shape[0], a.shape[1]) + self.torus)
+        out[:, :, : self.H, : self.W] = a
+        return out
+
+    def forward_torus(self, a: torch.Tensor) -> torch.Tensor:
+        """``W a = S C E a`` on the torus — equals the padded conv (no bias); tested identity."""
+        return self.select(self.fs.circular(self.embed(a)))
+
+    def adjoint_torus(self, y: torch.Tensor) -> torch.Tensor:
+        """``Wᵀ y = Eᵀ Cᵀ Sᵀ y`` on the torus."""
+        c = self._irfft(self._mul(self.fs.khat.mH, self._rfft(self.place(y))))
+        return c[:, :, : self.H, : self.W]
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        """``W a`` by the direct torch conv (cheaper than the torus FFTs for small batches);
+        with ``fixed_zero``, ``W D`` (``D`` the diagonal 0/1 mask of the free entries)."""
+        return self._op.apply(a if self._mask is None else a * self._mask)
+
+    def adjoint(self, y: torch.Tensor) -> torch.Tensor:
+        """``Wᵀ y`` (``D Wᵀ y`` with ``fixed_zero``) by the direct transposed conv."""
+        x = self._op.apply_adjoint(y)
+        return x if self._mask is None else x * self._mask
+
+    # ------------------------------------------------------------------ per batch
+    def _rhs(self, rt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``((A Sᵀ r̃)_B, −(G Sᵀ r̃)_P)`` — one FFT round trip over C_out + C_in channels."""
+        N = rt.shape[0]
+        u = self._irfft(self._mul(self._AG, self._rfft(self.place(rt)))).reshape(N, self.C_out + self.C_in, -1)
+        return u[:, : self.C_out, self._B].reshape(N, -1), -u[:, self.C_out:].reshape(N, -1)[:, self._P]
+
+    def _lift(self, rt: torch.Tensor, xB: torch.Tensor, xP: torch.Tensor) -> torch.Tensor:
+        """``Eᵀ (G (Sᵀ r̃ + E_B x_B) + Z_s E_P x_P)`` — one FFT round trip."""
+        N = rt.shape[0]
+        ring = rt.new_zeros((N, self.C_in * self.torus[0] * self.torus[1]))
+        ring[:, self._P] = xP
+        c = torch.cat([self.place(rt), ring.view((N, self.C_in) + self.torus)], dim=1)
+        c.view(N, self.C_out + self.C_in, -1)[:, : self.C_out, self._B] = xB.reshape(N, self.C_out, -1)
+        return self._irfft(self._mul(self._GZ, self._rfft(c)))[:, :, : self.H, : self.W]
+
+    def tikhonov(self, r: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+        """``W⁺ r`` (λ = 0) or ``(WᵀW + λI)⁻¹ Wᵀ r``: (N, *out_shape) → (N, *in_shape).
+
+        FFT stages run ``chunk`` samples at a time; the capacitance solve once for the batch.
+        """
+        rt = r / self.s_max
+        if self._zero_rows is not None:  # zero rows of W: W⁺ ignores them (ring_entries)
+            rt = rt * self._zero_rows
+        N, ch = r.shape[0], int(chunk)
+        parts = [self._rhs(rt[k:k + ch]) for k in range(0, N, ch)]
+        xB, xP = self._qd.solve(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
+        return torch.cat([self._lift(rt[k:k + ch], xB[k:k + ch], xP[k:k + ch]) for k in range(0, N, ch)])
+
+    def _check_r(self, r: Any, chunk: int) -> torch.Tensor:
+        r = backend.to_torch(r) if not isinstance(r, torch.Tensor) else r
+        if r.ndim != 4 or tuple(r.shape[1:]) != self.out_shape:
+            raise ValueError(f"PaddedConvSolver.solve: r must have shape (N, {', '.join(map(str, self.out_shape))}), "
+                             f"got {tuple(r.shape)}")
+        if isinstance(chunk, bool) or int(chunk) < 1:
+            raise ValueError(f"PaddedConvSolver.solve: chunk must be ≥ 1, got {chunk!r}")
+        return r.to(device=self.device, dtype=self.dtype)
+
+    def solve(self, r: Any, tol: float | None = None, maxiter: int | None = None, chunk: int = 64,
+              refine: bool | None = None) -> tuple[torch.Tensor, dict]:
+        """``δ = W⁺ r`` for a batch ``r`` (N, *out_shape); returns ``(δ, info)``.
+
+        Capacitance: one direct application of :meth:`tikhonov`, then — when ``λ > 0``, or
+        when ``refine`` (default: :attr:`refine`, decided from the condition estimate) — the
+        refinement ``δ ← δ + T (r − W δ)`` until each sample's update is ≤ ``tol`` (default
+        1e-13) relative to its δ, stops decreasing (rounding floor), or ``maxiter`` steps
+        (default 100 with ``λ > 0``, else 10).  PCG: Craig (MDP) / CGLS (CCP) to ``tol``
+        (default 1e-12), at most ``maxiter`` (1000) iterations.  ``info["iterations"]`` (per
+        sample) counts refinement steps resp. CG iterations.
+        """
+        r = self._check_r(r, chunk)
+        if self.method == "pcg":
+            return padded_pcg(self, r, 1e-12 if tol is None else float(tol), 1000 if maxiter is None else int(maxiter))
+        tol = 1e-13 if tol is None else float(tol)
+        maxiter = (100 if self.lam > 0.0 else 10) if maxiter is None else int(maxiter)
+        ch = int(chunk)
+        d = self.tikhonov(r, ch)
+        if self.lam > 0.0 or (self.refine if refine is None else bool(refine)):
+            return refine_steps(self, r, d, tol, maxiter, ch)
+        N = r.shape[0]
+        return d, {"iterations": np.zeros(N, dtype=np.int64), "converged": np.ones(N, dtype=bool),
+                   "method": "capacitance"}
+
+    def info(self) -> dict:
+        """Geometry, sizes, conditioning and the algorithm used (for ``SolveResult.info``)."""
+        out = {"exact_case": self.case, "torus": self.torus, "padding": self.geo.padding,
+               "dilation": self.dilation, "groups": self.groups,
+               "boundary_positions": int(self.boundary.size), "ring_positions": int(self.geo.ring.size),
+               "ring_entries": int(self.ring.size),
+               "capacitance_size": self.m, "capacitance_bytes": self.need_bytes, "solver_method": self.method,
+               "tikhonov_lambda": self.lam, "refine": bool(getattr(self, "refine", False)),
+               "singular_frequencies": self.singular_freqs,
+               "factor_seconds": getattr(self, "factor_seconds", float("nan"))}
+        if self.method == "capacitance":
+            out["capacitance_cond_est"] = max(self.cond_est)
+            out["algorithm"] = ("padded capacitance (Schur complement of (CCᵀ)⁻¹ on B, bordered by the ring)"
+                                if self.case == "MDP" else
+                                "padded capacitance (Woodbury on CᵀC over the ring, Schur on B)")
+            if self.lam > 0.0:
+                out["algorithm"] += "; Tikhonov lifting + iterated refinement"
+        else:
+            out["algorithm"] = ("Craig (PCG on W Wᵀ), preconditioner S(CCᵀ)⁻¹Sᵀ" if self.case == "MDP"
+                                else "PCGLS, preconditioner Eᵀ(CᵀC)⁻¹E")
+        return out
+
