@@ -1,4 +1,5 @@
-"""Reference CNNs (seed 000 appendix D, seed 001 §4), data loaders and training.
+"""Reference CNNs (seed 000 appendix D, seed 001 §4), the zoo of torchvision-style CNNs
+(:mod:`models.zoo`, issue 13), data loaders and training.
 
 Shipped checkpoints trained on the embedded digits set live in ``models/checkpoints/``
 (see its README); ``shipped_checkpoint("vgg7_digits32")`` gives the path.
@@ -10,10 +11,11 @@ from pathlib import Path
 from .baselines import (KConvMFC, conv2_fc1, conv3_fc2, conv4_fc2, conv5_fc2,
                         conv_channel_decreasing)
 from .data import (DATASETS, IMAGE_SIZES, NORMALIZATIONS, PAPER_CIFAR_MEAN, PAPER_CIFAR_STD,
-                   Dataset, load_dataset, sample_images)
+                   Dataset, load_dataset, photo_crops, sample_images)
 from .fixup_resnet20 import FixupResNet20, fixup_resnet20
 from .resnet20 import ResNet20, resnet20
 from .vgg7 import VGG7, vgg7
+from .zoo import ZOO, make_checkpoint, randomise
 
 # (the training function itself is ``models.train.train``: the name ``models.train`` is the
 # submodule)
@@ -46,7 +48,8 @@ def shipped_checkpoint(name: str) -> Path:
 __all__ = [
     "VGG7", "vgg7", "ResNet20", "resnet20", "FixupResNet20", "fixup_resnet20",
     "KConvMFC", "conv2_fc1", "conv3_fc2", "conv4_fc2", "conv5_fc2", "conv_channel_decreasing",
-    "Dataset", "load_dataset", "sample_images", "DATASETS", "IMAGE_SIZES", "NORMALIZATIONS",
+    "ZOO", "make_checkpoint", "randomise",
+    "Dataset", "load_dataset", "photo_crops", "sample_images", "DATASETS", "IMAGE_SIZES", "NORMALIZATIONS",
     "PAPER_CIFAR_MEAN", "PAPER_CIFAR_STD",
     "MODELS", "build_model", "load_checkpoint", "save_checkpoint",
     "CHECKPOINTS_DIR", "shipped_checkpoint",

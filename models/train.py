@@ -39,6 +39,7 @@ from .data import DATASETS, NORMALIZATIONS, Dataset, load_dataset
 from .fixup_resnet20 import fixup_resnet20
 from .resnet20 import resnet20
 from .vgg7 import vgg7
+from .zoo import ZOO
 
 __all__ = ["MODELS", "build_model", "default_model_kwargs", "train", "evaluate",
            "load_checkpoint", "save_checkpoint", "add_arguments", "run", "main"]
@@ -53,6 +54,9 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "conv4_fc2": conv4_fc2,
     "conv5_fc2": conv5_fc2,
     "conv_channel_decreasing": conv_channel_decreasing,
+    # the zoo of torchvision-style CNNs (issue 13; models.zoo): random-weight checkpoints by
+    # models.zoo.make_checkpoint, or trained here like the others
+    **ZOO,
 }
 _BASELINES = ("conv2_fc1", "conv3_fc2", "conv4_fc2", "conv5_fc2", "conv_channel_decreasing")
 

@@ -1,5 +1,5 @@
-"""Converter rules for the ops of issue 13 (uneven adaptive pooling, upsampling,
-conv-transpose, spatial padding, padded convs, channel shuffle; ReLU6 / Hardtanh / Hardsigmoid /
+"""Converter rules for the ops of issue 13 (uneven adaptive average and max pooling,
+upsampling incl. bicubic, 1-D max pooling, conv-transpose, spatial padding, padded convs, channel shuffle; ReLU6 / Hardtanh / Hardsigmoid /
 clamp / maximum / minimum, whose breakpoints are slices of ``x_b``) and the honest refusals.
 
 Each op is checked inside a small piecewise-linear model, float64, three ways (:func:`verify`):
@@ -13,8 +13,8 @@ Each op is checked inside a small piecewise-linear model, float64, three ways (:
    magnitudes (n ≲ 10^3 products along a path); a wrong tap / mask / bias slice is of the
    order of c itself.
 3. rows of H (``linearise(net, x).operator(layer)``, applied adjointly to unit selectors) ==
-   torch.func.jacfwd rows of the extended function ``f(x, x_b)`` for sampled units of every
-   unit layer, relative to each row's largest entry <= 1e-12 (same argument as 2).
+   torch.func.jacrev / jacfwd rows of the extended function ``f(x, x_b)`` for sampled units
+   of every unit layer, relative to each row's largest entry <= 1e-12 (same argument as 2).
 
 The tests fail on a wrong tap table, a wrong fold (e.g. a BN folded along the wrong axis of a
 transposed kernel), a bias missing from ``x_b`` (2 and 3 then disagree) or a refusal that
@@ -29,16 +29,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import jacfwd
+from torch.func import jacfwd, jacrev
 
 from linop.convert import ConversionError, from_torch
 from linop.convert.errors import NOT_PIECEWISE_LINEAR, UNSUPPORTED
 from linop.hypersurface import reconstructed_activations
 from linop.linearize import linearise
 from linop.network import BiasNode, LinearNode
+from models.zoo import randomise  # noqa: F401  (He init, random BN statistics, eval, float64)
 
 RTOL = 1e-12  # see module docstring
-JAC_BLOCK = 1024  # columns of [x; x_b] per jacfwd call (bounds its memory)
+JAC_BLOCK = 1024  # columns of [x; x_b] per jacfwd call / rows per jacrev chunk (bounds memory)
 
 
 @pytest.fixture(autouse=True)
@@ -50,29 +51,12 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def randomise(model: nn.Module, seed: int = 0) -> nn.Module:
-    """He-initialised weights, small random biases, BN with random running statistics and
-    affine parameters (so Eq. 7 folding is exercised), eval mode, float64."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
-                fan_in = m.weight[0].numel() if not isinstance(m, nn.ConvTranspose2d) else (
-                    m.weight.shape[1] * m.weight.shape[2] * m.weight.shape[3])
-                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * math.sqrt(2 / fan_in))
-                if m.bias is not None:
-                    m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
-            elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
-                n = m.num_features
-                m.running_mean.copy_(0.5 * torch.randn(n, generator=g))
-                m.running_var.copy_(0.5 + 1.5 * torch.rand(n, generator=g))
-                m.weight.copy_(1 + 0.3 * torch.randn(n, generator=g))
-                m.bias.copy_(0.2 * torch.randn(n, generator=g))
-    return model.double().eval()
-
-
 def _unit_rows(net, x, samples: dict[str, np.ndarray]) -> torch.Tensor:
-    """jacfwd rows ``[∂c_u/∂x, ∂c_u/∂x_b]`` of the sampled units of all layers, in one pass."""
+    """Autodiff rows ``[∂c_u/∂x, ∂c_u/∂x_b]`` of the sampled units of all layers, in one pass:
+    ``torch.func.jacrev`` (one forward, a batched backward per sampled row) when there are
+    fewer rows than columns of ``[x; x_b]`` — the deep zoo models — else ``jacfwd`` over
+    blocks of columns.  Either is torch's autodiff of the network's own node functions,
+    independent of the linearisation whose H rows it checks."""
     nodes = {net.unit_node(l).name: (l, torch.as_tensor(u)) for l, u in samples.items()}
 
     def f(xi, xb):
@@ -83,10 +67,15 @@ def _unit_rows(net, x, samples: dict[str, np.ndarray]) -> torch.Tensor:
                 out.append(vals[n.name][0].reshape(-1)[nodes[n.name][1]])
         return torch.cat(out)
 
-    # jacfwd over blocks of the columns of [x; x_b] (jacfwd has no chunk_size; one block
-    # of every column would hold n_columns copies of every activation at once)
     nx, xb = x.numel(), net.x_b
     n = nx + xb.numel()
+    if sum(len(u) for u in samples.values()) < n:
+        def whole(z):
+            return f(x + z[:nx].reshape(x.shape), xb + z[nx:])
+
+        return jacrev(whole, chunk_size=JAC_BLOCK)(x.new_zeros(n))
+    # jacfwd over blocks of the columns of [x; x_b] (jacfwd has no chunk_size; one block
+    # of every column would hold n_columns copies of every activation at once)
     cols = []
     for a in range(0, n, JAC_BLOCK):
         b = min(n, a + JAC_BLOCK)
@@ -206,13 +195,22 @@ def test_upsample_aliases():
     verify(seq(nn.UpsamplingNearest2d(size=(7, 9)), (3, 4, 4)), (3, 4, 4))
 
 
-@pytest.mark.parametrize("kw, why", [
-    ({"scale_factor": 2, "mode": "bicubic"}, "bicubic.*not implemented"),
-    ({"scale_factor": 0.5, "mode": "bilinear", "antialias": True}, "antialias.*not implemented"),
+@pytest.mark.parametrize("kw", [
+    {"scale_factor": 0.5, "mode": "bilinear", "antialias": True},
+    {"size": (4, 3), "mode": "bicubic", "antialias": True, "align_corners": True},
+    {"scale_factor": 2, "mode": "bilinear", "antialias": True},
 ])
-def test_interpolate_refusals(kw, why):
-    with pytest.raises(ConversionError, match=why) as e:
-        from_torch(seq(fn=lambda x: F.interpolate(x, **kw)), (3, 6, 6))
+def test_interpolate_antialias(kw):
+    """antialias=True: torch's normalised, scale-widened filter taps (Upsample2d)."""
+    net = verify(seq(fn=lambda x: F.interpolate(x, **kw), shape=(3, 9, 7)), (3, 9, 7), n_units=None)
+    assert "Upsample2d" in ops(net)
+
+
+def test_interpolate_refusals():
+    """1-D interpolation has no rule: refused as not implemented, naming the shape."""
+    model = Pool1d(lambda x: F.interpolate(x, scale_factor=2, mode="linear"))
+    with pytest.raises(ConversionError, match=r"\(N, C, H, W\)") as e:
+        from_torch(model.eval(), (2, 13))
     assert e.value.problems[0].kind == UNSUPPORTED
 
 
@@ -448,7 +446,7 @@ class Mixed(nn.Module):
         x = self.r6(self.gn(x))
         x = F.elu(self.hs(x)) + F.softplus(self.mish(x))
         x = torch.clamp(F.hardtanh(x), -1, 2)  # piecewise linear: converted
-        x = F.interpolate(torch.cumsum(x, 1), scale_factor=1.0, mode="bicubic")
+        x = torch.flip(torch.cumsum(x, 1), [3])
         x = F.group_norm(F.layer_norm(x, [6]), 1)
         y = self.fc(x.flatten(1))
         return torch.softmax(y, -1) + F.softmax(y, 1)
@@ -463,11 +461,11 @@ def test_refusals_list_every_op_by_kind():
     assert sorted(kinds[NOT_PIECEWISE_LINEAR]) == sorted(
         ["gelu", "ln", "silu", "gn", "hs", "elu", "mish", "softplus", "layer_norm",
          "group_norm", "softmax", "softmax_1"])
-    assert sorted(kinds[UNSUPPORTED]) == ["cumsum", "interpolate"]  # not r6, hardtanh, clamp
+    assert sorted(kinds[UNSUPPORTED]) == ["cumsum", "flip"]  # not r6, hardtanh, clamp
     msg = str(e.value)
     i, j = msg.index("12 not piecewise linear"), msg.index("2 not implemented (no rule")
     assert i < j and "no hypersurface H" in msg[i:j] and "no hypersurface H" not in msg[j:]
-    assert "bicubic" in msg[j:]
+    assert "flip" in msg[j:]
 
 
 def test_single_refusal_keeps_its_reason():
@@ -533,3 +531,77 @@ def test_conv1d_bn1d_avgpool1d():
     assert net.unit_layers == ["Conv0", "Conv1", "FC"]
     assert ops(net).count("Scale") == 0  # both BatchNorm1d fold into their Conv1d (Eq. 7)
     assert ops(net).count("AvgPool1d") == 2
+
+
+# ---------------------------------------------------------------------------- MaxPool1d
+class Pool1d(nn.Module):
+    """conv1d -> relu -> 1-D max pool -> conv1d -> FC: the pool between two unit layers."""
+
+    def __init__(self, pool):
+        super().__init__()
+        self.c1, self.pool, self.c2 = nn.Conv1d(2, 4, 3, padding=1), pool, nn.Conv1d(4, 3, 3)
+        self.fc = nn.LazyLinear(2)
+
+    def forward(self, x):
+        return self.fc(self.c2(self.pool(F.relu(self.c1(x)))).flatten(1))
+
+
+@pytest.mark.parametrize("pool", [
+    nn.MaxPool1d(2), nn.MaxPool1d(3, 2, 1), nn.MaxPool1d(3, 2, 1, ceil_mode=True),
+    nn.MaxPool1d(2, 1, dilation=2),
+    lambda x: F.max_pool1d(x, 3, stride=2, padding=1, ceil_mode=True)])
+def test_max_pool_1d(pool):
+    """A MaxPoolNode on the (C, 1, L) view, UnitAxis in and out: exact (module docstring)."""
+    model = Pool1d(pool)
+    model(torch.zeros(1, 2, 13))  # materialise the lazy FC
+    net = verify(randomise(model, seed=3), (2, 13), n_units=None)
+    assert {"UnitAxis", "MaxPoolNode"} <= set(ops(net)) | {type(n).__name__ for n in net.nodes}
+
+
+# ---------------------------------------------------------------------------- uneven adaptive max
+@pytest.mark.parametrize("hw, osz", [((6, 6), (4, 4)), ((5, 7), (3, 2)), ((3, 3), (7, 7)),
+                                     ((7, 5), (None, 3)), ((5, 5), 1)])
+def test_adaptive_max_pool_uneven(hw, osz):
+    """Uneven (overlapping / repeated) windows: the AdaptiveWindows gather + a max pool."""
+    shape = (3,) + hw
+    for m in (seq(nn.AdaptiveMaxPool2d(osz), shape),
+              seq(fn=lambda x: F.adaptive_max_pool2d(x, osz), shape=shape)):
+        net = verify(m, shape, n_units=None)
+        uneven = any(h % o for h, o in zip(hw, (osz, osz) if isinstance(osz, int) else
+                                           tuple(h if o is None else o for h, o in zip(hw, osz))))
+        assert ("AdaptiveWindows" in ops(net)) == uneven
+
+
+def test_adaptive_windows_gather_is_torchs_windows():
+    """Every K_h x K_w block of the gather holds exactly the inputs of torch's window (a set:
+    max over it equals torch's adaptive max for any input, ties included)."""
+    from linop.operators.resample import AdaptiveWindows
+
+    C, H, W, osz = 2, 7, 5, (3, 4)
+    g = AdaptiveWindows((C, H, W), osz)
+    kh, kw = g.kernel_size
+    x = torch.arange(C * H * W, dtype=torch.float64).reshape(1, C, H, W)
+    blocks = g.apply(x).reshape(C, osz[0], kh, osz[1], kw)
+    for i in range(osz[0]):
+        for j in range(osz[1]):
+            s, e = (i * H) // osz[0], -((-(i + 1) * H) // osz[0])
+            t, f = (j * W) // osz[1], -((-(j + 1) * W) // osz[1])
+            want = set(x[0, :, s:e, t:f].reshape(C, -1)[0].tolist())
+            assert set(blocks[0, i, :, j, :].reshape(-1).tolist()) == want
+
+
+# ---------------------------------------------------------------------------- bicubic
+@pytest.mark.parametrize("kw", [
+    {"scale_factor": 2, "mode": "bicubic"},
+    {"scale_factor": 2, "mode": "bicubic", "align_corners": True},
+    {"size": (7, 4), "mode": "bicubic"},
+    {"scale_factor": 0.6, "mode": "bicubic", "align_corners": False},
+    {"scale_factor": 1.7, "mode": "bicubic", "recompute_scale_factor": True}])
+def test_bicubic_interpolate(kw):
+    verify(seq(fn=lambda x: F.interpolate(x, **kw), shape=(3, 5, 6)), (3, 5, 6), n_units=None)
+
+
+def test_bicubic_upsample_module():
+    net = verify(seq(nn.Upsample(scale_factor=2, mode="bicubic", align_corners=True), (3, 4, 4)),
+                 (3, 4, 4))
+    assert "Upsample2d" in ops(net)

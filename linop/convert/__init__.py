@@ -62,12 +62,13 @@ Supported operations (module, functional and method forms) -> equivalent network
 * ``nn.MaxPool2d``, ``F.max_pool2d`` (no ``return_indices``) -> MaxPoolNode.
 * ``nn.AdaptiveAvgPool2d`` / ``F.adaptive_avg_pool2d`` -> ``GlobalAvgPool2d`` for output 1,
   ``AvgPool2d`` when the input size divides evenly, else ``AdaptiveAvgPool2d`` (uneven,
-  overlapping or repeated windows, e.g. 1×1 -> 7×7); ``nn.AdaptiveMaxPool2d`` (even division)
-  -> MaxPoolNode.
+  overlapping or repeated windows, e.g. 1×1 -> 7×7); ``nn.AdaptiveMaxPool2d`` -> MaxPoolNode
+  (uneven windows: after the gather ``AdaptiveWindows``); ``nn.MaxPool1d`` / ``F.max_pool1d``
+  -> MaxPoolNode on a ``(C, 1, L)`` view (``UnitAxis`` in and out).
 * ``nn.Upsample`` / ``UpsamplingNearest2d`` / ``UpsamplingBilinear2d``, ``F.interpolate``,
-  ``F.upsample`` (``nearest``, ``nearest-exact``, ``bilinear`` with ``align_corners`` either
-  way, ``area``; ``size`` or ``scale_factor``) -> LinearNode ``Upsample2d``; ``bicubic`` and
-  ``antialias=True`` are refused (linear, taps not implemented).
+  ``F.upsample`` (``nearest``, ``nearest-exact``, ``bilinear`` / ``bicubic`` with
+  ``align_corners`` either way, ``area``; ``size`` or ``scale_factor``) -> LinearNode
+  ``Upsample2d`` (also with ``antialias=True``).
 * ``x.mean((2, 3))`` / ``torch.mean(x, (-2, -1), keepdim=...)`` -> ``GlobalAvgPool2d``.
 * ``nn.Flatten``, ``torch.flatten(x, 1)``, ``x.flatten(1)``, ``x.view(x.size(0), -1)``,
   ``x.reshape(N, -1)``, ``squeeze`` to ``(N, F)`` -> LinearNode ``Flatten`` (a reshape that

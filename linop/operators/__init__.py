@@ -21,14 +21,15 @@ from .composite import BlockRow, Chain, Concat, GraphOperator, HStack, Sum, VSta
 from .pool import AvgPool2d, GlobalAvgPool2d, MaxPool2d
 from .structural import BiasRestriction, ChannelPad, Flatten, Identity, Scale, Slice, Subsample
 from .conv_transpose import ConvTranspose2d
-from .layers1d import AvgPool1d, Conv1d, Lift1d, MaxPool1d
+from .layers1d import AvgPool1d, Conv1d, Lift1d, MaxPool1d, UnitAxis
 from .padding import Pad2d
 from .permutation import ChannelPermutation, ChannelShuffle
-from .resample import AdaptiveAvgPool2d, Upsample2d
+from .resample import AdaptiveAvgPool2d, AdaptiveWindows, Upsample2d
 from .separable import AxisTaps, SeparableOperator
 
 __all__ = [
     "AdaptiveAvgPool2d",
+    "AdaptiveWindows",
     "Upsample2d",
     "ConvTranspose2d",
     "Pad2d",
@@ -72,4 +73,5 @@ __all__ = [
     "HStack",
     "Concat",
     "GraphOperator",
+    "UnitAxis",
 ]

@@ -18,7 +18,7 @@ from .base import Operator, as_shape
 from .conv import Conv2d, as_cpu_tensor, sample_tensor
 from .pool import AvgPool2d, MaxPool2d
 
-__all__ = ["AvgPool1d", "Conv1d", "Lift1d", "MaxPool1d"]
+__all__ = ["AvgPool1d", "Conv1d", "Lift1d", "MaxPool1d", "UnitAxis"]
 
 
 def _one(value: Any, name: str, minimum: int = 1) -> int:
@@ -35,6 +35,42 @@ def _line_shape(shape: Sequence[int], who: str) -> tuple[int, int]:
     if len(s) != 2:
         raise ValueError(f"{who}: input_shape must be (C, L), got {tuple(shape)}")
     return s  # type: ignore[return-value]
+
+
+class UnitAxis(Operator):
+    """``(C, L) -> (C, 1, L)`` (``squeeze=False``) or back (``squeeze=True``): the identity
+    matrix between the two shapes (C-order flattening is the same vector).  It lets a 1-D
+    tensor enter a 2-D node of the equivalent network (max pooling of ``(C, 1, L)``) and come
+    back, with no node kind of its own.
+
+    Parameters
+    ----------
+    input_shape : (C, L), or (C, 1, L) with ``squeeze=True``
+    squeeze : bool
+    dtype : dtype
+    """
+
+    def __init__(self, input_shape: Sequence[int], squeeze: bool = False, dtype: Any = np.float64):
+        s = as_shape(input_shape, "input_shape")
+        if squeeze:
+            if len(s) != 3 or s[1] != 1:
+                raise ValueError(f"UnitAxis: with squeeze=True input_shape must be (C, 1, L), got {tuple(input_shape)}")
+            out = (s[0], s[2])
+        else:
+            C, L = _line_shape(s, "UnitAxis")
+            out = (C, 1, L)
+        self.squeeze = bool(squeeze)
+        super().__init__(s, out, dtype=dtype)
+
+    def _apply(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape((x.shape[0],) + self.out_shape)
+
+    def _apply_adjoint(self, y: torch.Tensor) -> torch.Tensor:
+        return y.reshape((y.shape[0],) + self.in_shape)
+
+    def _coo(self):
+        n = self.shape[0]
+        return np.arange(n), np.arange(n), np.ones(n)
 
 
 class Lift1d(Operator):

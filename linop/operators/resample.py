@@ -8,9 +8,16 @@ their single-precision quirks, so the matrix equals what ``nn.AdaptiveAvgPool2d`
 * :class:`AdaptiveAvgPool2d` — output ``i`` averages inputs ``[⌊iH/H_o⌋, ⌈(i+1)H/H_o⌉)``
   (uneven windows; overlapping when ``H_o ∤ H``; repeated inputs when ``H_o > H``, e.g. the
   1×1 → 7×7 of torchvision's VGG / AlexNet at CIFAR size).
+* :class:`AdaptiveWindows` — the windows of an uneven ``nn.AdaptiveMaxPool2d`` laid side by
+  side (a selection), so that an ordinary max pool after it is the adaptive max pool.
 * :class:`Upsample2d` — ``F.interpolate`` with ``mode`` ``"nearest"``, ``"nearest-exact"``,
-  ``"bilinear"`` (``align_corners`` both ways) or ``"area"``, given ``size`` or
-  ``scale_factor`` (with torch's ``recompute_scale_factor`` semantics).
+  ``"bilinear"``, ``"bicubic"`` (``align_corners`` both ways; ``antialias`` for the last two)
+  or ``"area"``, given ``size`` or ``scale_factor`` (with torch's ``recompute_scale_factor``
+  semantics).  Bicubic is linear in the input too: four taps per axis with the Keys
+  cubic-convolution weights (``A = −0.75``), border taps clamped to the edge (they add up on
+  the edge pixel).
+
+The 1-D tap tables are in :mod:`linop.operators.resample_taps`.
 
 Each is a linear layer ``W_l`` of seed 000's equivalent network (Eq. 3) with no bias.
 """
@@ -22,91 +29,12 @@ from typing import Any
 
 import numpy as np
 
-from .separable import AxisTaps, SeparableOperator, _image_shape
+from .resample_taps import (CUBIC_A, adaptive_taps, antialias_taps, cubic_weights,  # noqa: F401
+                            interpolate_taps, window_gather_taps)
+from .separable import SeparableOperator, _image_shape
 
-__all__ = ["AdaptiveAvgPool2d", "Upsample2d", "adaptive_taps", "interpolate_taps"]
-
-_F32 = np.float32
-
-
-# --------------------------------------------------------------------------- 1-D tap tables
-def adaptive_taps(n_in: int, n_out: int) -> AxisTaps:
-    """Tap table of 1-D adaptive average pooling (torch's ``start_index`` / ``end_index``).
-
-    Output ``o`` averages ``x[s_o : e_o]`` with ``s_o = ⌊o·n_in / n_out⌋`` and
-    ``e_o = ⌈(o+1)·n_in / n_out⌉`` (integer arithmetic, exact), i.e. weight ``1 / (e_o - s_o)``.
-    """
-    o = np.arange(n_out, dtype=np.int64)
-    start = (o * n_in) // n_out
-    end = ((o + 1) * n_in + n_out - 1) // n_out
-    count = end - start
-    k = np.arange(int(count.max()))
-    valid = k[None, :] < count[:, None]
-    index = np.where(valid, start[:, None] + k[None, :], start[:, None])
-    weight = np.where(valid, 1.0 / count[:, None], 0.0)
-    return AxisTaps(index, weight, n_in)
-
-
-def _scale_value(scale: float | None, n_in: int, n_out: int, dtype) -> Any:
-    """torch's ``compute_scales_value``: ``1/scale_factor`` when one was given (and is used),
-    else ``n_in / n_out`` — evaluated in ``dtype`` (float32 for nearest, double for linear)."""
-    if scale is not None and scale > 0:
-        return dtype(1.0 / scale)
-    return dtype(n_in) / dtype(n_out)
-
-
-def interpolate_taps(n_in: int, n_out: int, mode: str, align_corners: bool = False,
-                     scale: float | None = None) -> AxisTaps:
-    """Tap table of 1-D ``F.interpolate`` on the CPU (torch's ``UpSample.h`` formulas).
-
-    Parameters
-    ----------
-    n_in, n_out : input and output lengths.
-    mode : ``"nearest"``, ``"nearest-exact"``, ``"linear"`` (one axis of bilinear) or ``"area"``.
-    align_corners : bool
-        Linear mode only.
-    scale : float, optional
-        The user's scale factor when torch uses it (``scale_factor`` given and
-        ``recompute_scale_factor`` not set); ``None`` when the ratio comes from the sizes.
-
-    Notes
-    -----
-    *nearest*: ``src = min(⌊o·s⌋, n_in-1)`` with ``s`` and the product in **float32**
-    (torch's ``nearest_neighbor_compute_source_index``), except that torch copies when
-    ``n_out == n_in`` and uses ``o >> 1`` when ``n_out == 2·n_in`` — whatever the scale factor.
-    *nearest-exact*: ``src = min(⌊(o + ½)·s⌋, n_in-1)`` in float32, no special cases.
-    *linear*: ``r = s·o`` (align_corners, ``s = (n_in-1)/(n_out-1)``) or
-    ``r = max(s·(o+½) - ½, 0)`` in double; ``i0 = min(⌊float32(r)⌋, n_in-1)`` (torch floors with
-    ``floorf``), ``λ1 = clamp(r - i0, 0, 1)``, ``i1 = i0 + [i0 < n_in-1]``, ``λ0 = 1 - λ1``;
-    ``n_out == n_in`` copies.  *area*: :func:`adaptive_taps`.
-    """
-    o = np.arange(n_out, dtype=np.int64)
-    if mode == "area":
-        return adaptive_taps(n_in, n_out)
-    if mode in ("nearest", "nearest-exact"):
-        if mode == "nearest" and n_out == n_in:
-            src = o
-        elif mode == "nearest" and n_out == 2 * n_in:
-            src = o >> 1
-        else:
-            s = _scale_value(scale, n_in, n_out, _F32)
-            pos = o.astype(_F32) if mode == "nearest" else o.astype(_F32) + _F32(0.5)
-            src = np.minimum(np.floor(pos * s).astype(np.int64), n_in - 1)
-        return AxisTaps(src[:, None], np.ones((n_out, 1)), n_in)
-    if mode != "linear":
-        raise ValueError(f"interpolate_taps: mode must be nearest, nearest-exact, linear or area, got {mode!r}")
-    if n_out == n_in:
-        return AxisTaps(np.stack([o, o], 1), np.stack([np.ones(n_out), np.zeros(n_out)], 1), n_in)
-    if align_corners:
-        s = (n_in - 1) / (n_out - 1) if n_out > 1 else 0.0
-        real = s * o
-    else:
-        s = _scale_value(scale, n_in, n_out, float)  # no n_out > 1 guard here (torch has none)
-        real = np.maximum(s * (o + 0.5) - 0.5, 0.0)
-    i0 = np.minimum(np.floor(real.astype(_F32)).astype(np.int64), n_in - 1)
-    lam1 = np.clip(real - i0, 0.0, 1.0)
-    i1 = i0 + (i0 < n_in - 1)
-    return AxisTaps(np.stack([i0, i1], 1), np.stack([1.0 - lam1, lam1], 1), n_in)
+__all__ = ["AdaptiveAvgPool2d", "AdaptiveWindows", "Upsample2d", "CUBIC_A", "adaptive_taps", "antialias_taps",
+           "cubic_weights", "interpolate_taps", "window_gather_taps"]
 
 
 # --------------------------------------------------------------------------- operators
@@ -155,6 +83,35 @@ class AdaptiveAvgPool2d(SeparableOperator):
                          dtype=dtype)
 
 
+class AdaptiveWindows(SeparableOperator):
+    r"""The windows of ``nn.AdaptiveMaxPool2d(output_size)`` laid side by side: a selection.
+
+    Output ``(c, i·K_h + a, j·K_w + b)`` copies input ``(c, s_i + min(a, e_i − s_i − 1),
+    t_j + min(b, f_j − t_j − 1))`` with torch's adaptive windows ``[s_i, e_i) × [t_j, f_j)``
+    (:func:`adaptive_taps`) and ``K`` the largest window along each axis.  A max pool with
+    kernel = stride = ``(K_h, K_w)`` of the result is the adaptive max pool, exactly: every
+    ``K_h × K_w`` block holds its window's inputs, a short window's last one repeated, and a
+    max ignores repeats.  So uneven, overlapping adaptive max pooling enters the equivalent
+    network as this linear gather followed by an ordinary max pool node, whose argmax
+    selection composed with this gather is the selection of the window's argmax (the same
+    Jacobian rule as every max pool, seed 000 appendix C).
+
+    Parameters
+    ----------
+    input_shape : (C, H, W)
+    output_size : int or (int or None, int or None)
+    dtype : dtype
+    """
+
+    def __init__(self, input_shape: Sequence[int], output_size: int | Sequence[int | None], dtype: Any = np.float64):
+        C, H, W = _image_shape(input_shape, "AdaptiveWindows")
+        ho, wo = _pair_sizes(output_size, "AdaptiveWindows: output_size", allow_none=True)
+        self.output_size = (H if ho is None else ho, W if wo is None else wo)
+        th, tw = window_gather_taps(H, self.output_size[0]), window_gather_taps(W, self.output_size[1])
+        self.kernel_size = (th.n_out // self.output_size[0], tw.n_out // self.output_size[1])
+        super().__init__((C, H, W), th, tw, dtype=dtype)
+
+
 class Upsample2d(SeparableOperator):
     r"""``F.interpolate`` / ``nn.Upsample`` on ``(C, H, W)`` as a linear operator.
 
@@ -167,11 +124,14 @@ class Upsample2d(SeparableOperator):
         ``recompute_scale_factor=True`` (or ``mode="area"``), when the ratio ``H / H_out`` is
         used — the two can pick different source pixels, and this operator follows torch.
     size : int or (int, int), optional
-    mode : ``"nearest"`` (default), ``"nearest-exact"``, ``"bilinear"`` or ``"area"``.
+    mode : ``"nearest"`` (default), ``"nearest-exact"``, ``"bilinear"``, ``"bicubic"`` or ``"area"``.
     align_corners : bool, optional
-        Only for ``"bilinear"`` (default False), as in torch.
+        Only for ``"bilinear"`` and ``"bicubic"`` (default False), as in torch.
     recompute_scale_factor : bool, optional
     dtype : dtype
+    antialias : bool
+        Bilinear / bicubic only: torch's anti-aliased taps (:func:`antialias_taps`; when
+        downsampling the filter widens with the scale, so every input contributes).
 
     Notes
     -----
@@ -181,13 +141,16 @@ class Upsample2d(SeparableOperator):
 
         y_{c,i,j} = \sum_{a,b \in \{0,1\}} \lambda^h_{i,a} \lambda^w_{j,b}\, x_{c, h_a(i), w_b(j)},
 
-    nearest a selection (each output copies one input; the adjoint sums the copies).  The
+    bicubic the same sum over ``a, b ∈ {−1, 0, 1, 2}`` with the cubic weights of
+    :func:`cubic_weights` (edge taps clamped), nearest a selection (each output copies one
+    input; the adjoint sums the copies).  The
     formulas are torch's **CPU** kernels; torch's CUDA nearest kernel lacks the
     ``H_out == 2·H`` shortcut, so for a non-2 scale factor that happens to double the size
     the two devices differ — this operator is the CPU one on every device.
     """
 
-    MODES = ("nearest", "nearest-exact", "bilinear", "area")
+    MODES = ("nearest", "nearest-exact", "bilinear", "bicubic", "area")
+    _AXIS_MODE = {"bilinear": "linear", "bicubic": "cubic"}
 
     def __init__(
         self,
@@ -198,12 +161,16 @@ class Upsample2d(SeparableOperator):
         align_corners: bool | None = None,
         recompute_scale_factor: bool | None = None,
         dtype: Any = np.float64,
+        antialias: bool = False,
     ):
         C, H, W = _image_shape(input_shape, "Upsample2d")
+        if antialias and mode not in self._AXIS_MODE:
+            raise ValueError(f"Upsample2d: antialias=True needs mode='bilinear' or 'bicubic' (like torch), got {mode!r}")
         if mode not in self.MODES:
             raise ValueError(f"Upsample2d: mode must be one of {self.MODES}, got {mode!r}")
-        if align_corners is not None and mode != "bilinear":
-            raise ValueError(f"Upsample2d: align_corners can only be set with mode='bilinear', got mode={mode!r}")
+        if align_corners is not None and mode not in self._AXIS_MODE:
+            raise ValueError(f"Upsample2d: align_corners can only be set with mode='bilinear' or 'bicubic', "
+                             f"got mode={mode!r}")
         if (size is None) == (scale_factor is None):
             raise ValueError("Upsample2d: give exactly one of size and scale_factor")
         if size is not None and recompute_scale_factor:
@@ -223,12 +190,15 @@ class Upsample2d(SeparableOperator):
             use = not recompute_scale_factor and mode != "area"
             scales = tuple(float(s) for s in sf) if use else (None, None)
         self.size, self.mode = out, mode
-        self.align_corners = bool(align_corners) if mode == "bilinear" else None
+        self.align_corners = bool(align_corners) if mode in self._AXIS_MODE else None
         self.scales = scales
-        axis_mode = "linear" if mode == "bilinear" else mode
-        taps = [interpolate_taps(n, m, axis_mode, bool(align_corners), s) for n, m, s in zip((H, W), out, scales)]
+        axis_mode = self._AXIS_MODE.get(mode, mode)
+        self.antialias = bool(antialias)
+        make = antialias_taps if antialias else interpolate_taps
+        taps = [make(n, m, axis_mode, bool(align_corners), s) for n, m, s in zip((H, W), out, scales)]
         super().__init__((C, H, W), taps[0], taps[1], dtype=dtype)
 
     def __repr__(self) -> str:
         return (f"<Upsample2d {self.in_shape} -> {self.out_shape}, mode={self.mode!r}, "
-                f"align_corners={self.align_corners}, scales={self.scales}>")
+                f"align_corners={self.align_corners}, scales={self.scales}"
+                + (", antialias=True>" if self.antialias else ">"))

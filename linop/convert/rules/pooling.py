@@ -4,9 +4,13 @@ selection by argmax).
 ``nn.AvgPool2d`` / ``F.avg_pool2d`` -> LinearNode ``AvgPool2d``; ``nn.MaxPool2d`` /
 ``F.max_pool2d`` -> :class:`~linop.network.MaxPoolNode`; adaptive pools with even windows ->
 ``AvgPool2d`` / ``GlobalAvgPool2d`` / MaxPoolNode (uneven average windows ->
-``AdaptiveAvgPool2d``, :mod:`.resample`); ``x.mean((2, 3))`` -> ``GlobalAvgPool2d``;
-``nn.AvgPool1d`` / ``F.avg_pool1d`` on ``(C, L)`` -> ``AvgPool1d`` (1-D max pooling has no
-node kind yet).
+``AdaptiveAvgPool2d``, :mod:`.resample`; uneven max windows -> the selection
+``AdaptiveWindows`` laying the windows side by side, then a MaxPoolNode with kernel = stride =
+the largest window: exact, since a max ignores the repeated inputs that pad short windows);
+``x.mean((2, 3))`` -> ``GlobalAvgPool2d``; ``nn.AvgPool1d`` / ``F.avg_pool1d`` on ``(C, L)``
+-> ``AvgPool1d``; ``nn.MaxPool1d`` / ``F.max_pool1d`` -> ``UnitAxis`` ``(C, L) -> (C, 1, L)``,
+a MaxPoolNode with a ``1 × k`` window, ``UnitAxis`` back (the 2-D node, no node kind of its
+own; its Jacobian is the ``MaxPool1d`` selection of :mod:`linop.operators.layers1d`).
 """
 from __future__ import annotations
 
@@ -83,8 +87,7 @@ def adaptive(ctx: Context, node: fx.Node, output_size: Any, kind: str) -> Tensor
     H, W = x.shape[1:]
     if H % osz[0] or W % osz[1]:
         if kind == "max":
-            ctx.fail(node, f"adaptive max pooling {H}x{W} -> {osz[0]}x{osz[1]} with uneven "
-                     "windows")
+            return _adaptive_max_uneven(ctx, node, x, osz)
         from .resample import adaptive_avg_uneven
 
         return adaptive_avg_uneven(ctx, node, x, osz)
@@ -96,6 +99,21 @@ def adaptive(ctx: Context, node: fx.Node, output_size: Any, kind: str) -> Tensor
     if osz == (1, 1):
         return ctx.linear(node, x, GlobalAvgPool2d(x.shape, keepdim=True))
     return ctx.linear(node, x, AvgPool2d(x.shape, k, k, (0, 0)))
+
+
+def _adaptive_max_uneven(ctx: Context, node: fx.Node, x: TensorValue,
+                         osz: tuple[int, int]) -> TensorValue:
+    """Uneven adaptive max pooling: the gather ``AdaptiveWindows``, then a max pool of kernel =
+    stride = the largest window (see the module docstring)."""
+    from ...operators.base import numpy_dtype
+    from ...operators.resample import AdaptiveWindows
+    from ...network import LinearNode
+
+    g = AdaptiveWindows(x.shape, osz, dtype=numpy_dtype(ctx.dtype))
+    gv = ctx.add(LinearNode(ctx.unique(f"{node.name}_windows"), (x.name,), tuple(g.out_shape),
+                            node_source(node), op=g))
+    return ctx.add(MaxPoolNode(node.name, (gv.name,), ctx.shape_of(node), node_source(node),
+                               kernel_size=g.kernel_size, stride=g.kernel_size))
 
 
 # ---------------------------------------------------------------------------- registrations
@@ -197,3 +215,44 @@ def avg_pool_1d_module(ctx: Context, node: fx.Node) -> TensorValue:
 @rule(F.avg_pool1d)
 def avg_pool_1d_function(ctx: Context, node: fx.Node) -> TensorValue:
     return avg_pool_1d(ctx, node, *ctx.args(node, _AVG_ARGS[0][:5], _AVG_ARGS[1][:5]))
+
+
+def max_pool_1d(ctx: Context, node: fx.Node, kernel_size, stride, padding, dilation, ceil_mode,
+                return_indices) -> TensorValue:
+    """``F.max_pool1d`` of a ``(C, L)`` tensor: ``UnitAxis`` to ``(C, 1, L)``, a 2-D
+    MaxPoolNode with a ``1 × k`` window, ``UnitAxis`` back."""
+    from ...network import LinearNode
+    from ...operators.base import numpy_dtype
+    from ...operators.layers1d import UnitAxis, _one
+
+    x = ctx.tensor(node, node.args[0])
+    if return_indices:
+        ctx.fail(node, "max pooling with return_indices=True")
+    if len(x.shape) != 2:
+        ctx.fail(node, f"MaxPool1d needs (C, L), got {x.shape}")
+    try:
+        k = _one(kernel_size, "MaxPool1d: kernel_size")
+        s = k if stride is None or stride in ([], ()) else _one(stride, "MaxPool1d: stride")
+        p, d = _one(padding, "MaxPool1d: padding", 0), _one(dilation, "MaxPool1d: dilation")
+    except ValueError as exc:
+        ctx.fail(node, str(exc), ValueError)
+    C, Lo = ctx.shape_of(node)
+    dt = numpy_dtype(ctx.dtype)
+    up = UnitAxis(x.shape, dtype=dt)
+    v = ctx.add(LinearNode(ctx.unique(f"{node.name}_2d"), (x.name,), up.out_shape, node_source(node), op=up))
+    v = ctx.add(MaxPoolNode(ctx.unique(f"{node.name}_pool"), (v.name,), (C, 1, Lo), node_source(node),
+                            kernel_size=(1, k), stride=(1, s), padding=(0, p), dilation=(1, d),
+                            ceil_mode=bool(ceil_mode)))
+    return ctx.linear(node, v, UnitAxis((C, 1, Lo), squeeze=True, dtype=dt))
+
+
+@rule(nn.MaxPool1d)
+def max_pool_1d_module(ctx: Context, node: fx.Node) -> TensorValue:
+    m = ctx.module_call(node)
+    return max_pool_1d(ctx, node, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode,
+                       m.return_indices)
+
+
+@rule(F.max_pool1d)
+def max_pool_1d_function(ctx: Context, node: fx.Node) -> TensorValue:
+    return max_pool_1d(ctx, node, *ctx.args(node, *_MAX_ARGS))

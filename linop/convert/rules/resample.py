@@ -6,10 +6,9 @@ bias, seed 000 Eq. 3).
   LinearNode ``AdaptiveAvgPool2d`` (even windows keep the ``AvgPool2d`` /
   ``GlobalAvgPool2d`` mapping of :mod:`.pooling`).
 * ``nn.Upsample`` (and ``UpsamplingNearest2d`` / ``UpsamplingBilinear2d``), ``F.interpolate``,
-  ``F.upsample`` with mode ``nearest``, ``nearest-exact``, ``bilinear`` (``align_corners`` both
-  ways) or ``area`` -> LinearNode ``Upsample2d``.  ``bicubic`` is linear but its taps are not
-  implemented; ``antialias=True`` changes the taps to a wider filter that is not implemented
-  either: both are refused with that reason (never silently approximated).
+  ``F.upsample`` with mode ``nearest``, ``nearest-exact``, ``bilinear``, ``bicubic``
+  (``align_corners`` both ways; ``antialias=True`` too: torch's wider, normalised filter taps)
+  or ``area`` -> LinearNode ``Upsample2d``.  Interpolation of 1-D or 3-D tensors is refused.
 """
 from __future__ import annotations
 
@@ -44,19 +43,13 @@ def interpolate(ctx: Context, node: fx.Node, size: Any, scale_factor: Any, mode:
     if len(x.shape) != 3:
         ctx.fail(node, f"interpolation is supported on (N, C, H, W) tensors, got per-sample "
                  f"{x.shape}")
-    if antialias:
-        ctx.fail(node, "antialias=True: the anti-aliasing filter is linear but its taps are "
-                 "not implemented (use antialias=False)")
-    if mode == "bicubic":
-        ctx.fail(node, "mode='bicubic' is linear but its 4-tap kernel is not implemented "
-                 "(nearest, nearest-exact, bilinear and area are)")
     if mode not in Upsample2d.MODES:
         ctx.fail(node, f"mode={mode!r} on a (C, H, W) tensor (supported: {Upsample2d.MODES})")
     try:
         op = Upsample2d(x.shape, scale_factor=scale_factor, size=size, mode=mode,
                         align_corners=align_corners,
                         recompute_scale_factor=recompute_scale_factor,
-                        dtype=numpy_dtype(ctx.dtype))
+                        dtype=numpy_dtype(ctx.dtype), antialias=bool(antialias))
     except ValueError as exc:
         ctx.fail(node, str(exc), ValueError)
     return ctx.linear(node, x, op)
