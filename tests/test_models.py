@@ -159,7 +159,7 @@ def test_kconv_bad_options():
     with pytest.raises(ValueError, match="negative_slope"):
         resnet20(negative_slope=1.5)
     with pytest.raises(ValueError, match="not registered"):
-        build_model("vgg16")
+        build_model("vgg19")  # (vgg16 is a zoo model: models.zoo)
 
 
 # ----------------------------------------------------------------------------- block semantics
@@ -321,3 +321,56 @@ def test_shipped_checkpoints_reproduce_recorded_accuracy(name):
     acc = evaluate(m, ds.x_test, ds.y_test)
     assert acc == meta["test_accuracy"] and acc > 0.9
     assert path.parent == CHECKPOINTS_DIR
+
+
+def _tf_same_avg_pool(x, k=3, s=2):
+    """TensorFlow's 'SAME' average pooling written out from its definition: output size
+    ceil(n / s), total padding max((out − 1)·s + k − n, 0) split with the odd pixel AFTER the
+    image, each window averaged over its in-image entries only."""
+    import numpy as np
+
+    N, C, H, W = x.shape
+    oh, ow = -(-H // s), -(-W // s)
+    ph, pw = max((oh - 1) * s + k - H, 0), max((ow - 1) * s + k - W, 0)
+    t, l = ph // 2, pw // 2
+    xp = np.pad(x, ((0, 0), (0, 0), (t, ph - t), (l, pw - l)))
+    inside = np.pad(np.ones((H, W)), ((t, ph - t), (l, pw - l)))
+    out = np.zeros((N, C, oh, ow))
+    for i in range(oh):
+        for j in range(ow):
+            win = (slice(i * s, i * s + k), slice(j * s, j * s + k))
+            out[:, :, i, j] = xp[(...,) + win].sum((2, 3)) / inside[win].sum()
+    return out
+
+
+@pytest.mark.parametrize("hw", [(32, 32), (16, 16), (12, 20), (8, 8)])  # even sizes: see vgg7's docstring
+def test_vgg7_tf_pool_alignment_is_tf_same_pooling(hw):
+    """pool_alignment="tf" is TF 'SAME' average pooling exactly (float64: one sum of ≤ 9
+    values and one division per window, so agreement to a few ulps); "torch" is shifted by a
+    pixel and differs."""
+    from models.vgg7 import avg_pool_3x3_s2
+
+    x = torch.randn(2, 3, *hw, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    ref = torch.from_numpy(_tf_same_avg_pool(x.numpy()))
+    assert torch.allclose(avg_pool_3x3_s2("tf")(x), ref, rtol=0, atol=1e-15)
+    torch_aligned = avg_pool_3x3_s2("torch")(x)
+    assert torch_aligned.shape == ref.shape and not torch.allclose(torch_aligned, ref)
+    with pytest.raises(ValueError, match="pool_alignment='same'"):
+        avg_pool_3x3_s2("same")
+
+
+def test_vgg7_tf_alignment_converts_and_reconstructs_exactly():
+    """The TF-aligned VGG7 is still piecewise linear with fixed pooling operators: the
+    equivalent network's forward equals torch and ĉ = <[x; x_b], H> = c for every unit
+    (float64, 1e-12 of max|c|: sums of ~10^3 rounded products)."""
+    import linop
+    from linop.hypersurface import reconstructed_activations
+
+    torch.manual_seed(0)
+    model = build_model("vgg7", num_classes=10, pool_alignment="tf").double().eval()
+    assert model.pool_alignment == "tf" and model.pool1.ceil_mode and not model.pool1.count_include_pad
+    net = linop.from_torch(model, (3, 32, 32))
+    x = torch.rand(3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(net.forward(x.unsqueeze(0)), model(x.unsqueeze(0)), rtol=1e-12, atol=1e-12)
+    for layer, (c, chat) in reconstructed_activations(net, x, dtype=torch.float64).items():
+        assert float((c - chat).abs().max()) <= 1e-12 * float(c.abs().max()), layer

@@ -39,6 +39,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sample", type=int, default=None,
                         help="sample drawn in the discrepancy figures (default: the first one the embedding changed)")
     parser.add_argument("--out", default="results/reconstruct", help="output directory (JSON + PNG)")
+    parser.add_argument("--paper", action="store_true",
+                        help="seed 001's method: pooling copied back in every window, the §3.2 FFT solve for "
+                             "unpadded stride-1 convs, MDP/CCP by channels (README 'Paper mode')")
+    parser.add_argument("--pool-rule", default=None, choices=("exact", "copy"),
+                        help="unchanged pooling windows: keep â (exact) or copy back (the paper) "
+                             "[exact; copy with --paper]")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -69,10 +75,11 @@ def run(args: argparse.Namespace) -> int:
         model, x_test[: args.n], y_test[: args.n], args.out, to_layer=args.to_layer, embedding=args.embedding,
         solver=args.solver, tol=args.tol, maxiter=args.maxiter, maxpool=args.maxpool, avgpool=args.avgpool,
         clip_margin=args.clip_margin, dtype=args.dtype, sample=args.sample, progress=True,
-        info={"checkpoint": str(checkpoint), "data": data_name})
+        info={"checkpoint": str(checkpoint), "data": data_name}, paper=args.paper, pool_rule=args.pool_rule)
     summ = study.summary
     print(f"reconstructed {summ['n']} samples of {data_name} to {study.rec.to_layer!r} ({args.embedding}, "
-          f"{args.dtype}) in {study.seconds:.2f} s; {summ['n_changed_at_output']} changed by the embedding")
+          f"{args.dtype}) in {study.seconds:.2f} s; {summ['n_changed_at_output']} changed by the embedding; "
+          f"pool_rule={summ['pool_rule']}, solvers used: {', '.join(summ['solvers_used']) or '-'}")
     print(study.table())
     figs = [str(f) for f in study.files[1:]]
     print(f"wrote {study.files[0]} and {len(figs)} figure(s) of sample {study.sample}: {', '.join(figs)}")

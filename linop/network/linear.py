@@ -62,14 +62,23 @@ class LinearNode(Node):
     def reverse(self, z_star, z_hat, a_hats, x_b, options):
         """Minimum-norm correction ``a* = â + W⁺(z* − W â)`` (MDP Eqs. 4–6 / CCP Eq. 7);
         one-non-zero-per-row-and-column operators by their closed form, average pooling with
-        stride = kernel copied back (§3.4(b)) unless ``options.avgpool == "exact"``."""
+        stride = kernel copied back (§3.4(b)) unless ``options.avgpool == "exact"``.
+
+        Both MDP/CCP labels are reported: ``case`` from W's rank, ``paper_case`` by seed 001's
+        channel / width rule.  ``options.paper`` solves as the paper does (:meth:`_solve`)."""
         from ..operators import AvgPool2d
         from ..reverse import steps
+        from ..solvers.case import channel_case
 
         report = self._report()
         a_hat, op = a_hats[0], self.op
+        report.paper_case = channel_case(op)[0]
         N = z_star.shape[0]
-        changed = ((z_star != z_hat).reshape(N, -1).any(1) if options.keep_unchanged
+        avg_copy = (options.avgpool == "copy" and isinstance(op, AvgPool2d) and not op.ceil_mode
+                    and op.divisor_override is None)
+        # pool_rule "copy" (seed 001 §3.4(b)): unchanged average-pooling windows are copied back too
+        keep = options.keep_unchanged and not (avg_copy and options.pool_rule == "copy")
+        changed = ((z_star != z_hat).reshape(N, -1).any(1) if keep
                    else torch.ones(N, dtype=torch.bool, device=z_star.device))
         report.n_solved = int(changed.sum())
         if not bool(changed.any()):
@@ -79,38 +88,65 @@ class LinearNode(Node):
         a = None
         if pattern is not None:
             a, report.case = steps.structural_step(pattern, op.shape, z_star, a_hat)
-            report.method = "structural"
-        elif (options.avgpool == "copy" and isinstance(op, AvgPool2d) and not op.ceil_mode
-              and op.divisor_override is None):
+            report.method, report.solved_as = "structural", "lsq-closest"
+        elif avg_copy:
             try:
                 a = steps.unpool_avg(z_star, op.kernel_size, op.in_shape, mode="copy", a_hat=a_hat,
-                                     stride=op.stride, padding=op.padding,
-                                     p_hat=z_hat if options.keep_unchanged else None)
-                report.case, report.method = "MDP", "copy"
+                                     stride=op.stride, padding=op.padding, p_hat=z_hat if keep else None)
+                report.case, report.method, report.solved_as = "MDP", "copy", "copy"
+                report.solve_info = {"pool_rule": options.pool_rule}
             except NotImplementedError:
                 a = None
         if a is None:
             return [self._solve(z_star, a_hat, changed, options, report)], report
-        if options.keep_unchanged:
+        if keep:
             a = torch.where(changed.reshape((N,) + (1,) * (a.dim() - 1)), a, a_hat)
         return [a], report
 
-    def _solve(self, z_star, a_hat, changed, options, report) -> torch.Tensor:
-        from ..solvers import get_method, solve
+    def _method(self, options) -> tuple[str, str | None]:
+        """The solver method of this step and, when the requested one could not run, why."""
+        from ..solvers import get_method
 
-        idx = changed.nonzero().flatten()
-        sub_a, sub_z = a_hat[idx], z_star[idx]
         method, fallback = options.solver, None
+        if options.paper:  # seed 001 §3.2: the FFT solve wherever it applies
+            try:
+                get_method("fft").applicable(self.op)
+                return "fft", None
+            except (ValueError, NotImplementedError) as exc:
+                fallback = f"paper mode: fft not applicable ({exc}); used {method}"
         check = get_method(method).applicable if method != "auto" else None
         if check is not None:
             try:  # e.g. the FFT paths cover stride-1 convs only: a layer they cannot do goes to auto
                 check(self.op)
             except (ValueError, NotImplementedError) as exc:
                 method, fallback = "auto", f"{options.solver} not applicable ({exc}); used auto"
-        res = solve(self.op, sub_z, sub_a, method=method, tol=options.tol, maxiter=options.maxiter)
+        return method, fallback
+
+    def _solve(self, z_star, a_hat, changed, options, report) -> torch.Tensor:
+        """``a* = â + W⁺(z* − W â)`` for the changed samples (linop mode: the closest
+        least-squares point, whatever W's rank).  Paper mode: the FFT solve where it applies
+        (it picks MDP / CCP by channels itself, boundary frozen at â), else by the paper's
+        label — MDP: the same formula; CCP: ``W⁺ z*`` (Eq. 7's minimum-norm least-squares
+        point, â not used; equal to the formula above when W has full column rank)."""
+        from ..solvers import solve
+
+        idx = changed.nonzero().flatten()
+        sub_a, sub_z = a_hat[idx], z_star[idx]
+        method, fallback = self._method(options)
+        start = sub_a
+        if method == "fft":
+            solved_as = None  # from the solver's info below
+        elif options.paper:
+            solved_as = report.paper_case
+            if solved_as == "CCP":
+                start = torch.zeros_like(sub_a)
+        else:
+            solved_as = "lsq-closest"
+        res = solve(self.op, sub_z, start, method=method, tol=options.tol, maxiter=options.maxiter)
         a = a_hat.clone()
         a[idx] = torch.as_tensor(res.a).to(device=a.device, dtype=a.dtype).reshape(sub_a.shape)
         report.case, report.method, report.solve_info = res.case, res.method, dict(res.info)
+        report.solved_as = solved_as or f"fft-{res.info.get('fft_case', report.paper_case)}"
         if fallback:
             report.solve_info["fallback"] = fallback
         return a

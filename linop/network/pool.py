@@ -57,7 +57,11 @@ class MaxPoolNode(Node):
         return b.numpy().astype(np.int64)
 
     def reverse(self, z_star, z_hat, a_hats, x_b, options):
-        """Copy back into the pooling window (seed 001 §3.4(b)), or argmax / nearest."""
+        """Copy back into the pooling window (seed 001 §3.4(b)), or argmax / nearest.
+
+        With ``options.pool_rule == "exact"`` (and ``keep_unchanged``) a window whose pooled
+        target equals its forward value keeps â; with "copy" it too receives the pooled value
+        in every entry, as the paper's rule reads."""
         from ..operators.conv import pair
         from ..reverse import steps
 
@@ -71,8 +75,11 @@ class MaxPoolNode(Node):
             )
         report = self._report()
         report.method = options.maxpool
+        report.solve_info = {"pool_rule": options.pool_rule}
+        # pool_rule "copy" (seed 001 §3.4(b)): every window is copied back, unchanged ones too
+        keep = options.keep_unchanged and options.pool_rule == "exact"
         a = steps.unpool_max(
             z_star, self.kernel_size, in_shape, mode=options.maxpool, a_hat=a_hats[0], stride=self.stride,
-            padding=self.padding, dilation=self.dilation, p_hat=z_hat if options.keep_unchanged else None,
+            padding=self.padding, dilation=self.dilation, p_hat=z_hat if keep else None,
         )
         return [a], report

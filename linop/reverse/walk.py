@@ -44,6 +44,14 @@ passes the forward input back bit for bit — zero deviation and exact feasibili
 the MDP answer.  Samples whose label is already the maximum then give ``a* = â`` at every
 layer.
 
+**Paper mode** (``paper=True``): seed 001's method where ours departs from it — pooling
+windows are copied back everywhere (``pool_rule="copy"``, §3.4(b)), so a* moves even for a
+sample whose label was already the maximum; every stride-1 unpadded conv is solved by the
+§3.2 FFT path (``method="fft"``, approximate: boundary frozen at â) and the other linear
+steps choose MDP / CCP by the paper's channel / width rule instead of W's rank; the paper's
+formulas run on every sample (``keep_unchanged=False``).  ``Reconstruction.mode`` and every
+summary say which mode produced the numbers.
+
 ``to_layer`` (where the walk stops):
 
 * ``"input"`` — the network input (which may itself be a feature map: an upper part of a
@@ -71,10 +79,12 @@ from .embed import EMBEDDINGS, embed
 from ..solvers import METHODS as SOLVE_METHODS
 from ..network.graph import EquivalentNetwork
 from ..utils import gib
-from ..network.reverse import ReverseOptions, StepReport, relative_misfit
+from ..network.reverse import MODES, POOL_RULES, ReverseOptions, StepReport, relative_misfit
 
 __all__ = [
     "EMBEDDINGS",
+    "MODES",
+    "POOL_RULES",
     "StepReport",
     "Reconstruction",
     "reconstruct",
@@ -102,6 +112,8 @@ class Reconstruction:
     steps : the reverse steps, output first.
     labels : the labels y (N,).
     embedding : "ne", "ma" or "onehot".
+    mode : "linop" (our exact variants) or "paper" (seed 001's method, ``paper=True``).
+    options : the reverse-step options the walk ran with.
     """
 
     to_layer: str
@@ -112,6 +124,8 @@ class Reconstruction:
     steps: list[StepReport]
     labels: torch.Tensor
     embedding: str
+    mode: str = "linop"
+    options: ReverseOptions | None = None
 
     @property
     def a_star(self) -> torch.Tensor:
@@ -140,10 +154,14 @@ class Reconstruction:
             }
             for k, v in self.deviation.items()
         }
+        o = self.options or ReverseOptions()
         return {
+            "mode": self.mode,
             "to_layer": self.to_layer,
             "output": self.output,
             "embedding": self.embedding,
+            "pool_rule": o.pool_rule,
+            "keep_unchanged": o.keep_unchanged,
             "n": int(self.labels.shape[0]),
             "deviation": dev,
             "steps": [s.summary() for s in self.steps],
@@ -239,6 +257,25 @@ def _check_options(net: Any, embedding: str, solver: str, tol: Any, maxiter: Any
     if isinstance(clip_margin, bool) or not isinstance(clip_margin, (int, float, np.integer, np.floating)) \
             or not 0.0 < float(clip_margin) < 1.0:
         raise ValueError(f"clip_margin must be a number in (0, 1), got {clip_margin!r}")
+
+
+def _mode_options(paper: Any, pool_rule: Any, keep_unchanged: Any, **kw: Any) -> ReverseOptions:
+    """The :class:`ReverseOptions` of linop mode or paper mode; ValueError naming the option that
+    contradicts paper mode (the paper's pooling / ReLU rules are fixed), TypeError for a
+    non-boolean ``paper`` / ``keep_unchanged``."""
+    if not isinstance(paper, (bool, np.bool_)):
+        raise TypeError(f"paper must be True or False, got {paper!r}")
+    if pool_rule is not None and pool_rule not in POOL_RULES:
+        raise ValueError(f"pool_rule must be one of {POOL_RULES} or None, got {pool_rule!r}")
+    if keep_unchanged is not None and not isinstance(keep_unchanged, (bool, np.bool_)):
+        raise TypeError(f"keep_unchanged must be True, False or None, got {keep_unchanged!r}")
+    if paper:
+        for arg, want in (("maxpool", "copy"), ("avgpool", "copy"), ("relu", "identity")):
+            if kw[arg] != want:
+                raise ValueError(f"paper=True uses seed 001's rule {arg}={want!r}; got {arg}={kw[arg]!r} "
+                                 f"(drop paper=True to use it)")
+    return ReverseOptions(**kw, keep_unchanged=(not paper) if keep_unchanged is None else bool(keep_unchanged),
+                          pool_rule=pool_rule or ("copy" if paper else "exact"), paper=bool(paper))
 
 
 def _plan(net: EquivalentNetwork, to_layer: str, fanout: str, keep: Iterable[str] | None) -> _Plan:
@@ -353,10 +390,13 @@ def reconstruct(
     avgpool: str = "copy",
     relu: str = "identity",
     fanout: str = "error",
-    keep_unchanged: bool = True,
+    keep_unchanged: bool | None = None,
     keep: Iterable[str] | None = None,
     max_bytes: int | None = DEFAULT_MAX_BYTES,
     progress: bool = False,
+    *,
+    paper: bool = False,
+    pool_rule: str | None = None,
 ) -> Reconstruction:
     """Reconstruct feature maps from labels, backwards through ``net`` (seed 001 §3).
 
@@ -387,8 +427,9 @@ def reconstruct(
         (other geometries are always solved exactly).
     fanout : {"error", "mean"}
         How a node with several consumers on the path combines their targets.
-    keep_unchanged : bool
-        The exactness convention of the module docstring.
+    keep_unchanged : bool, optional
+        The exactness convention of the module docstring (default: True; False in paper mode,
+        where the paper's formulas run on every sample).
     keep : iterable of node names, optional
         Nodes whose ``a*`` / ``â`` are returned (all nodes passed by default; ``to_layer`` and
         the output are always kept).  Use it to bound memory for large batches.
@@ -396,12 +437,23 @@ def reconstruct(
         Refuse (ValueError) when the kept tensors would exceed this many bytes.
     progress : bool
         tqdm progress bar over the reverse steps.
+    paper : bool
+        Seed 001's method (module docstring, "Paper mode"): ``pool_rule="copy"``, the §3.2 FFT
+        solve for every conv it covers (``solver`` for the other linear steps), MDP / CCP by the
+        paper's channel rule, ``keep_unchanged=False``.  Needs ``maxpool="copy"``,
+        ``avgpool="copy"`` and ``relu="identity"`` (the paper's rules; ValueError otherwise).
+    pool_rule : {"exact", "copy"}, optional
+        Pooling windows whose target equals their forward pooled value: keep â ("exact", the
+        default in linop mode) or copy the pooled value back like every window ("copy", the
+        paper's §3.4(b); the default in paper mode).
 
     Returns
     -------
     Reconstruction
     """
     _check_options(net, embedding, solver, tol, maxiter, maxpool, avgpool, relu, fanout, clip_margin)
+    options = _mode_options(paper, pool_rule, keep_unchanged, solver=solver, tol=tol, maxiter=maxiter,
+                            clip_margin=clip_margin, maxpool=maxpool, avgpool=avgpool, relu=relu)
     plan = _plan(net, to_layer, fanout, keep)
     # finite, real, non-empty, not half precision; cast to the network's dtype (linop.validate)
     x = validate.batch(x, net.dtype, "x", sample_ndim=len(net.input_shape))
@@ -409,8 +461,6 @@ def reconstruct(
     if tuple(x.shape) != shape and tuple(x.shape[1:]) != shape:  # else the network's message names no argument
         raise ValueError(f"x must have shape (N, {', '.join(map(str, shape))}) or {shape}, got {tuple(x.shape)}")
     _check_memory(net, plan, x, max_bytes)
-    options = ReverseOptions(solver=solver, tol=tol, maxiter=maxiter, clip_margin=clip_margin, maxpool=maxpool,
-                             avgpool=avgpool, relu=relu, keep_unchanged=keep_unchanged)
     fwd = net.run(x, keep=plan.need)
     a_L = fwd[plan.output]
     yt = _labels(y, a_L.shape[0], a_L.shape[1], a_L.device)
@@ -419,4 +469,4 @@ def reconstruct(
     features, steps = _walk(plan, fwd, z_L, x_b, options, progress)
     forward = {k: fwd[k] for k in features}
     return Reconstruction(plan.target, plan.output, features, forward, _deviation(features, forward), steps, yt,
-                          embedding)
+                          embedding, options.mode, options)

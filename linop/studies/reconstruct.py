@@ -6,6 +6,11 @@ model (``linop.convert.from_torch``), reconstructs every sample from its label
 writes ``reconstruct.json`` (per-step reports and the deviation of a* from â per node) and one
 Fig. 4 discrepancy figure per unit-layer input.  Loading checkpoints and data sets is the
 command line's job (``linop reconstruct``, :mod:`linop.cli.reconstruct`).
+
+``paper=True`` runs seed 001's method instead of our exact variants (pooling copied back in
+every window, the §3.2 FFT solve for unpadded stride-1 convs, MDP / CCP by channels: see
+:func:`linop.reverse.reconstruct`); ``reconstruct.json`` names the ``mode`` either way, and
+every step reports both MDP/CCP labels (``case`` by W's rank, ``paper_case`` by channels).
 """
 from __future__ import annotations
 
@@ -73,6 +78,8 @@ def reconstruction_study(
     sample: int | None = None,
     progress: bool = True,
     info: Mapping[str, Any] | None = None,
+    paper: bool = False,
+    pool_rule: str | None = None,
 ) -> ReconstructionStudy:
     """Reconstruct the features of ``x`` from the labels ``y`` and write the study's files.
 
@@ -87,6 +94,7 @@ def reconstruction_study(
     sample : the sample drawn in the figures (default: the first one the embedding changed,
         else 0).
     info : extra fields of ``reconstruct.json`` (e.g. the checkpoint and data set names).
+    paper, pool_rule : seed 001's method / the pooling rule (:func:`linop.reverse.reconstruct`).
     """
     if dtype not in ("float32", "float64"):
         raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
@@ -103,12 +111,14 @@ def reconstruction_study(
     t0 = time.perf_counter()
     rec = reconstruct(net, x.to(tdt), y, to_layer=to_layer, embedding=embedding, solver=solver, tol=tol,
                       maxiter=maxiter, clip_margin=clip_margin, maxpool=maxpool, avgpool=avgpool,
-                      progress=progress)
+                      progress=progress, paper=paper, pool_rule=pool_rule)
     secs = time.perf_counter() - t0
     changed = np.flatnonzero((rec.target != rec.forward[rec.output]).any(1).cpu().numpy())
     summ = rec.summary()
     summ.update(**dict(info or {}), dtype=dtype, seconds=round(secs, 3), solver=solver, maxpool=maxpool,
-                avgpool=avgpool, n_changed_at_output=int(changed.size))
+                avgpool=avgpool, n_changed_at_output=int(changed.size),
+                solvers_used=sorted({st["method"] for st in summ["steps"]
+                                     if st["kind"] == "LinearNode" and st["method"] not in (None, "none")}))
     files = [store.write_json(out / "reconstruct.json", summ)]
     if sample is None:  # draw a sample the label actually moved (else nothing to see)
         sample = int(changed[0]) if changed.size else 0

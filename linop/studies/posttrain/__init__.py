@@ -34,7 +34,16 @@ from .features import (
                      reconstruct_features,
 )
 from .loss import REC_LOSSES, fr_pt_loss, rec_loss_for_embedding
-from .study import StudyResult, check_options, posttrain_study
+from .study import (
+                     PAIRS_FIGURE,
+                     PAPER_ALPHA,
+                     StudyResult,
+                     check_options,
+                     default_report_epochs,
+                     paper_alpha,
+                     posttrain_study,
+                     resolve_alpha,
+)
 from .summary import compare_methods, summarize
 from .training import METHODS, OPTIMIZERS, posttrain_run, training_memory
 
@@ -42,6 +51,8 @@ __all__ = [
                      "EMBEDDINGS",
                      "METHODS",
                      "OPTIMIZERS",
+                     "PAIRS_FIGURE",
+                     "PAPER_ALPHA",
                      "REC_LOSSES",
                      "Reconstructor",
                      "StudyResult",
@@ -50,16 +61,19 @@ __all__ = [
                      "check_options",
                      "compare_methods",
                      "default_pairs",
+                     "default_report_epochs",
                      "default_reconstructor",
                      "forward_split",
                      "fr_pt_loss",
                      "layer_features",
                      "model_blocks",
                      "output_target",
+                     "paper_alpha",
                      "parse_pair",
                      "posttrain_run",
                      "posttrain_study",
                      "rec_loss_for_embedding",
+                     "resolve_alpha",
                      "reconstruct_features",
                      "set_trainable",
                      "summarize",
