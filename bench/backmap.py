@@ -1,7 +1,8 @@
 """Benchmark: effective hypersurfaces of *all* units of *all* layers (RM2), one 32x32x3 image.
 
 ``python -m bench.backmap [--models vgg7 resnet20] [--dtypes float32 float64]
-[--methods linop identity jacfwd jacrev] [--max-seconds 300] [--out results/bench_backmap.json]``
+[--methods linop identity jacfwd jacrev] [--max-seconds 300] [--device cpu|cuda|cuda:k]
+[--out results/bench_backmap.json]``
 
 Every method delivers the same product: per unit layer, one layer at a time, the full
 Jacobian of the layer's pre-bias output w.r.t. ``[x; x_b]`` — all units' RM2 hypersurfaces,
@@ -35,6 +36,13 @@ freed-and-reused memory once.  Every method's result is checked: ``<[x; x_b], H_
 all units (max relative error reported).  A method that exceeds ``--max-seconds`` stops after
 the current layer and its total is reported as a lower bound (">").  Results are written to
 the JSON file after every run.  The machine may be shared: timings are wall-clock.
+
+``--device cuda[:k]`` (validated up front: one line and exit 2 without CUDA) puts the image,
+``x_b``, the output buffers and hence every operator's work on that device for all methods;
+the timed regions are bracketed by ``torch.cuda.synchronize()`` and ``peak_mib`` is then
+``torch.cuda.max_memory_allocated`` over the timed run (reset after setup; the reused output
+buffer is excluded, as on the CPU), with the host's ``ru_maxrss`` growth kept as
+``host_peak_mib``.  Each result records its device.
 """
 from __future__ import annotations
 
@@ -58,8 +66,9 @@ CHECKPOINTS = {"vgg7": "models/checkpoints/vgg7_digits32.pt", "resnet20": "model
 
 
 # ----------------------------------------------------------------------------- setup
-def build(model: str, dtype: torch.dtype):
-    """(EquivalentNetwork, image, description of the weights)."""
+def build(model: str, dtype: torch.dtype, device: str | torch.device = "cpu"):
+    """(EquivalentNetwork, image on ``device``, description of the weights, of the image); the
+    network's operators follow the device of the tensors they are given."""
     from linop.convert import from_torch
 
     torch.manual_seed(0)
@@ -93,11 +102,30 @@ def build(model: str, dtype: torch.dtype):
     except Exception:  # noqa: BLE001
         x = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0)).to(dtype)
         image = "uniform random image (seed 0)"
-    return net, x.reshape(3, 32, 32), weights, image
+    return net, x.reshape(3, 32, 32).to(device), weights, image
 
 
 def _maxrss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def _clock(device: torch.device) -> float:
+    """``time.perf_counter()`` after the device's queued work has finished (CUDA is asynchronous)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def check_device(value: str, prog: str) -> torch.device | None:
+    """``--device`` validated by :func:`linop.validate.device`; ``None`` after printing one line
+    ``prog: error: ...`` on stderr (the caller exits 2)."""
+    from linop import validate
+
+    try:
+        return validate.device(value, "--device")
+    except ValueError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return None
 
 
 def _check(HI, Hb, x, x_b, c, unit_major: bool) -> float:
@@ -111,18 +139,19 @@ def _check(HI, Hb, x, x_b, c, unit_major: bool) -> float:
 
 # ----------------------------------------------------------------------------- methods
 def run_method(method: str, model: str, dtype_name: str, max_seconds: float, jacrev_chunk: int,
-               out_buffer: str = "reuse") -> dict:
-    from linop import linearise
+               out_buffer: str = "reuse", device: str = "cpu") -> dict:
+    from linop import linearise, validate
 
+    dev = validate.device(device, "--device")
     dtype = getattr(torch, dtype_name)
-    net, x, weights, image = build(model, dtype)
-    x_b = net.x_b
+    net, x, weights, image = build(model, dtype, dev)
+    x_b = net.x_b.to(device=dev, dtype=dtype)
     pre = {k: v[0].reshape(-1) for k, v in net.preactivations(x.unsqueeze(0)).items()}
     layers = net.unit_layers
     res: dict[str, Any] = {"model": model, "dtype": dtype_name, "method": method, "weights": weights,
                            "image": image, "layers": {}, "threads": torch.get_num_threads(), "complete": True,
                            "out_buffer": out_buffer if method in ("linop", "identity") else "fresh",
-                           "load_avg_start": os.getloadavg()}
+                           "load_avg_start": os.getloadavg(), "device": str(dev)}
     setup = 0.0
     C, H, W = 3, 32, 32
     n_in = C * H * W
@@ -130,58 +159,62 @@ def run_method(method: str, model: str, dtype_name: str, max_seconds: float, jac
     if out_buffer == "reuse" and method in ("linop", "identity"):
         # one RM2 output buffer for the largest layer, touched once here (outside the timing)
         Umax = max(int(np.prod(net.unit_node(l).out_shape)) for l in layers)
-        bufI = torch.zeros(Umax * n_in, dtype=dtype)
-        bufB = torch.zeros(Umax * net.n_bias, dtype=dtype)
+        bufI = torch.zeros(Umax * n_in, dtype=dtype, device=dev)
+        bufB = torch.zeros(Umax * net.n_bias, dtype=dtype, device=dev)
         res["out_buffer_mib"] = (bufI.numel() + bufB.numel()) * bufI.element_size() / 2**20  # not in peak_mib
     if method in ("linop", "linop_sweep"):
         t = time.perf_counter()
         linearise(net, x).geometry()  # x-independent structure (cached per network)
-        setup = time.perf_counter() - t
+        setup = _clock(dev) - t
     res["setup_s"] = setup
     rss0 = _maxrss_mib()
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        cuda0 = torch.cuda.memory_allocated(dev)  # image, network constants, the reused buffer
     t_all = time.perf_counter()
     if method == "linop":
         lin = linearise(net, x, memory_budget="8GiB")
-        t = time.perf_counter()
+        t = _clock(dev)
         for LJ in lin.sweep():
             HI, Hb = LJ.image(out=bufI), LJ.bias(out=bufB)
-            el = time.perf_counter() - t
+            el = _clock(dev) - t
             res["layers"][LJ.name] = {"time_s": el, "rel_err": _check(HI, Hb, x, x_b, pre[LJ.name], True)}
             del HI, Hb
-            t = time.perf_counter()
+            t = _clock(dev)
     elif method == "linop_sweep":
         lin = linearise(net, x, memory_budget="8GiB")
-        t = time.perf_counter()
+        t = _clock(dev)
         for LJ in lin.sweep():
             ch = LJ.dot(x, x_b)
-            el = time.perf_counter() - t
+            el = _clock(dev) - t
             c = pre[LJ.name]
             res["layers"][LJ.name] = {"time_s": el, "rel_err": float(((ch - c).abs().max() / c.abs().max()).item())}
-            t = time.perf_counter()
+            t = _clock(dev)
     elif method == "identity":
         # the paper's identity batch is the sweep's "identity" schedule: P = (H, W) at every node
         lin = linearise(net, x, memory_budget="64GiB")
-        t = time.perf_counter()
+        t = _clock(dev)
         for LJ in lin.sweep(schedule="identity"):
             HI, Hb = LJ.image(out=bufI), LJ.bias(out=bufB)  # dense regime: one transposed copy
-            el = time.perf_counter() - t
+            el = _clock(dev) - t
             res["layers"][LJ.name] = {"time_s": el, "rel_err": _check(HI, Hb, x, x_b, pre[LJ.name], True)}
             del HI, Hb
             if time.perf_counter() - t_all > max_seconds:
                 res["complete"] = False
                 break
-            t = time.perf_counter()
+            t = _clock(dev)
     else:
         from torch.func import jacfwd, jacrev
 
         for layer in layers:
             f = net.extended_function(net.unit_node(layer).name)
-            t = time.perf_counter()
+            t = _clock(dev)
             if method == "jacfwd":
                 HI, Hb = jacfwd(f, argnums=(0, 1))(x, x_b)
             else:
                 HI, Hb = jacrev(f, argnums=(0, 1), chunk_size=jacrev_chunk)(x, x_b)
-            el = time.perf_counter() - t
+            el = _clock(dev) - t
             res["layers"][layer] = {"time_s": el, "rel_err": _check(HI, Hb, x, x_b, pre[layer], True)}
             del HI, Hb
             if time.perf_counter() - t_all > max_seconds:
@@ -191,6 +224,11 @@ def run_method(method: str, model: str, dtype_name: str, max_seconds: float, jac
     res["load_avg_end"] = os.getloadavg()
     res["peak_mib"] = _maxrss_mib() - rss0
     res["peak_abs_mib"] = _maxrss_mib()
+    if dev.type == "cuda":  # device memory: growth over the level after setup, as on the CPU
+        res["host_peak_mib"] = res["peak_mib"]
+        res["peak_abs_mib"] = torch.cuda.max_memory_allocated(dev) / 2**20
+        res["peak_mib"] = (torch.cuda.max_memory_allocated(dev) - cuda0) / 2**20
+        res["peak_memory"] = "torch.cuda.max_memory_allocated"
     return res
 
 
@@ -250,12 +288,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out-buffer", choices=["reuse", "fresh"], default="reuse",
                    help="linop and identity: write each layer's RM2 arrays into one reused preallocated buffer, "
                         "or allocate fresh arrays per layer")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:k: where every method runs")
     p.add_argument("--worker", nargs=3, metavar=("METHOD", "MODEL", "DTYPE"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if check_device(args.device, "bench.backmap") is None:
+        return 2
     torch.set_num_threads(args.threads)
     if args.worker:
         m, model, dt = args.worker
-        print(json.dumps(run_method(m, model, dt, args.max_seconds, args.jacrev_chunk, args.out_buffer)))
+        print(json.dumps(run_method(m, model, dt, args.max_seconds, args.jacrev_chunk, args.out_buffer,
+                                    args.device)))
         return 0
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -265,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
             for m in args.methods:
                 cmd = [sys.executable, "-m", "bench.backmap", "--worker", m, model, dt, "--threads", str(args.threads),
                        "--max-seconds", str(args.max_seconds), "--jacrev-chunk", str(args.jacrev_chunk),
-                       "--out-buffer", args.out_buffer]
+                       "--out-buffer", args.out_buffer, "--device", args.device]
                 t = time.perf_counter()
                 proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
                 if proc.returncode != 0 or not proc.stdout.strip():
@@ -279,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
                           f"(wall {time.perf_counter() - t:.0f} s)", flush=True)
                 results.append(r)
                 out.write_text(json.dumps({"results": results, "command": "python -m bench.backmap " + " ".join(argv or sys.argv[1:]),
-                                           "cpu_count": os.cpu_count(), "load_avg_at_end": os.getloadavg()}, indent=1))
+                                           "device": args.device, "cpu_count": os.cpu_count(), "load_avg_at_end": os.getloadavg()}, indent=1))
     md = markdown(results)
     print("\n" + md)
     out.with_suffix(".md").write_text(md + "\n")

@@ -15,7 +15,13 @@ Results are written to ``--out`` (JSON) after every layer, so an interrupted run
 what it measured.  Weights are random: the sparsity pattern and the cost depend only on
 the layer geometry.
 
-Run: ``python -m bench.operators [--out results/bench_operators.json]``.
+Run: ``python -m bench.operators [--device cpu|cuda|cuda:k] [--out results/bench_operators.json]``.
+
+``--device cuda[:k]`` (validated up front: one line, exit 2, where CUDA is missing) runs the
+anchor's ``F.conv2d`` on that device (timed with ``torch.cuda.synchronize()``; its non-zeros are
+gathered into a host CSR matrix as on the CPU).  The CSR assembly itself is a host kernel
+(numba, cpu-only: ``to_sparse(gpu=True)`` assembles on the host and copies to cupy), so its
+column is a host figure on every device.  The JSON's ``meta`` records the device.
 """
 from __future__ import annotations
 
@@ -33,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from bench.reconstruct import check_device, clock
 from linop.operators import Conv2d
 
 
@@ -68,30 +75,33 @@ LAYERS = [
 
 
 def identity_basis_csr(w: torch.Tensor, layer: Layer, chunk_bytes: int, progress: bool) -> scipy.sparse.csr_matrix:
-    """The anchor: columns ``A e_j`` from ``F.conv2d`` on one-hot images, chunked so one
-    chunk's dense output stays under ``chunk_bytes``; non-zeros gathered into CSR."""
+    """The anchor: columns ``A e_j`` from ``F.conv2d`` on one-hot images (on ``w``'s device),
+    chunked so one chunk's dense output stays under ``chunk_bytes``; non-zeros gathered into a
+    host CSR matrix."""
     C, S = layer.c_in, layer.size
     n_in = C * S * S
+    dev = w.device
     with torch.no_grad():
-        n_out = F.conv2d(torch.zeros(1, C, S, S, dtype=w.dtype), w, stride=layer.stride, padding=1).numel()
+        n_out = F.conv2d(torch.zeros(1, C, S, S, dtype=w.dtype, device=dev), w, stride=layer.stride, padding=1).numel()
         b = max(1, min(n_in, chunk_bytes // (n_out * w.element_size())))
         rows, cols, vals = [], [], []
         for j0 in tqdm(range(0, n_in, b), desc=f"  identity basis {layer.model} {layer.name}", leave=False,
                        disable=not progress):
             j1 = min(n_in, j0 + b)
-            e = torch.zeros(j1 - j0, n_in, dtype=w.dtype)
-            e[torch.arange(j1 - j0), torch.arange(j0, j1)] = 1
+            e = torch.zeros(j1 - j0, n_in, dtype=w.dtype, device=dev)
+            e[torch.arange(j1 - j0, device=dev), torch.arange(j0, j1, device=dev)] = 1
             y = F.conv2d(e.reshape(-1, C, S, S), w, stride=layer.stride, padding=1).reshape(j1 - j0, n_out)
             jj, ii = torch.nonzero(y, as_tuple=True)
-            rows.append(ii.numpy())
-            cols.append((jj + j0).numpy())
-            vals.append(y[jj, ii].numpy())
+            rows.append(ii.cpu().numpy())
+            cols.append((jj + j0).cpu().numpy())
+            vals.append(y[jj, ii].cpu().numpy())
     A = scipy.sparse.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(n_out, n_in))
     A.sum_duplicates()
     return A
 
 
-def bench_layer(layer: Layer, dtype: torch.dtype, repeat: int, chunk_bytes: int, baseline: bool, progress: bool) -> dict:
+def bench_layer(layer: Layer, dtype: torch.dtype, repeat: int, chunk_bytes: int, baseline: bool, progress: bool,
+                device: torch.device | None = None) -> dict:
     g = torch.Generator().manual_seed(0)
     w = torch.randn(layer.c_out, layer.c_in, 3, 3, generator=g, dtype=dtype)
     op = Conv2d(w, (layer.c_in, layer.size, layer.size), stride=layer.stride, padding=1)
@@ -110,10 +120,12 @@ def bench_layer(layer: Layer, dtype: torch.dtype, repeat: int, chunk_bytes: int,
                csr_first_s=t_first, csr_s=best, csr_cpu_s=best_cpu, baseline_s=None, baseline_cpu_s=None,
                ratio=None, ratio_cpu=None, identical=None)
     if baseline and layer.baseline:
-        t0, c0 = time.perf_counter(), time.process_time()
-        B = identity_basis_csr(w, layer, chunk_bytes, progress)
+        device = torch.device("cpu") if device is None else device
+        wd = w.to(device)
+        t0, c0 = clock(device), time.process_time()
+        B = identity_basis_csr(wd, layer, chunk_bytes, progress)
         rec["baseline_cpu_s"] = time.process_time() - c0
-        rec["baseline_s"] = time.perf_counter() - t0
+        rec["baseline_s"] = clock(device) - t0
         rec["ratio"] = rec["baseline_s"] / best
         rec["ratio_cpu"] = rec["baseline_cpu_s"] / max(best_cpu, 1e-9)
         rec["identical"] = bool(B.shape == A.shape and B.nnz == A.nnz and (B != A).nnz == 0)
@@ -145,7 +157,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-baseline", action="store_true", help="skip the identity-basis anchor")
     p.add_argument("--all-baselines", action="store_true", help="also run the anchor on the 64->64 32x32 check layer")
     p.add_argument("--models", default="VGG7,ResNet20,check", help="comma-separated subset")
+    p.add_argument("--device", default="cpu",
+                   help="cpu (default), cuda or cuda:k: where the anchor's F.conv2d runs (the CSR assembly is host-only)")
     args = p.parse_args(argv)
+    dev = check_device(args.device, "bench.operators")
+    if dev is None:
+        return 2
     for opt, val in (("--repeat", args.repeat), ("--threads", args.threads), ("--chunk-mb", args.chunk_mb)):
         if val < 1:
             p.error(f"{opt} must be >= 1, got {val}")
@@ -165,10 +182,12 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(dtype=args.dtype, threads=args.threads, repeat=args.repeat, torch=torch.__version__,
                 cpu_count=os.cpu_count(), machine=platform.machine(), python=platform.python_version(),
+                device=str(dev), csr_assembly="host (cpu-only)",
                 date=time.strftime("%Y-%m-%d %H:%M:%S"))
     records: list[dict] = []
     for layer in tqdm(layers, desc="layers"):
-        records.append(bench_layer(layer, dtype, args.repeat, args.chunk_mb * 2**20, not args.no_baseline, True))
+        records.append(bench_layer(layer, dtype, args.repeat, args.chunk_mb * 2**20, not args.no_baseline, True,
+                                   dev))
         out.write_text(json.dumps(dict(meta=meta, layers=records), indent=1))  # incremental
     print()
     print(f"Conv2d CSR assembly vs identity basis through F.conv2d ({args.dtype}, {args.threads} thread(s), "

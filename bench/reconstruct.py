@@ -21,12 +21,24 @@ distances to it, and fft-exact vs dense KKT at ``--dense-size``).  The load aver
 (shared machine).  Writes JSON incrementally to ``--out``.
 
     python -m bench.reconstruct --batch 256 --out bench_reconstruct.json
+
+``--device cuda[:k]`` (validated up front: one line, exit 2, where CUDA is missing) puts the data
+— ``â``, ``z*``, ``b`` — on that device; :func:`linop.solvers.solve` keeps the data's device, and
+the FFT / capacitance factors are built there.  ``lsmr`` (scipy, host only) is skipped with the
+note "cpu-only"; ``dense`` factors W on the host (numpy) and applies ``W⁺`` on the device.
+Timings are bracketed by ``torch.cuda.synchronize()``; the JSON records the device and, on CUDA,
+``cuda_peak_mib`` (``torch.cuda.max_memory_allocated``).
+
+``--models vgg7,resnet20[,fixup_resnet20]`` runs :mod:`bench.reconstruct_layers` instead: every
+conv layer of the models at CIFAR size (padded, strided), exact solve vs the paper's FFT path
+and CG (issue 14); its options (``--layers``, ``--cg-samples``, ...) are passed through.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import sys
 import time
 
 import numpy as np
@@ -36,14 +48,34 @@ from linop.operators import Conv2d
 from linop.solvers import CapacitanceSolver, FFTConvSolver, dense_bytes, solve
 
 
-def make_layer(cin: int, cout: int, size: int, batch: int, seed: int):
+def check_device(value: str, prog: str) -> torch.device | None:
+    """``--device`` validated by :func:`linop.validate.device`; ``None`` after printing one line
+    ``prog: error: ...`` on stderr (the caller exits 2)."""
+    from linop import validate
+
+    try:
+        return validate.device(value, "--device")
+    except ValueError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return None
+
+
+def clock(device: torch.device) -> float:
+    """``time.perf_counter()`` once the device's queued work is done (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def make_layer(cin: int, cout: int, size: int, batch: int, seed: int, device: torch.device | str = "cpu"):
+    """(weight, operator, â, b, z*): the data on ``device`` (the operator follows the data)."""
     rng = np.random.default_rng(seed)
     w = torch.tensor(rng.standard_normal((cout, cin, 3, 3)) * np.sqrt(2.0 / (cin * 9)))  # He init
     op = Conv2d(w, (cin, size, size))
-    a_hat = torch.relu(torch.tensor(rng.standard_normal((batch, cin, size, size))))  # activation-like
-    b = torch.tensor(rng.standard_normal(cout) * 0.1)
+    a_hat = torch.relu(torch.tensor(rng.standard_normal((batch, cin, size, size)))).to(device)  # activation-like
+    b = torch.tensor(rng.standard_normal(cout) * 0.1).to(device)
     z = op.apply(a_hat) + b[:, None, None]
-    z_star = z + 0.1 * z.std() * torch.tensor(rng.standard_normal(z.shape))  # a perturbed target
+    z_star = z + 0.1 * z.std() * torch.tensor(rng.standard_normal(tuple(z.shape))).to(device)  # a perturbed target
     return w, op, a_hat, b, z_star
 
 
@@ -54,15 +86,16 @@ def dist(a, ref, a_hat) -> float:
 
 
 def run_case(cin, cout, args, rows, out):
-    w, op, a_hat, b, z_star = make_layer(cin, cout, args.size, args.batch, args.seed)
+    dev = torch.device(args.device)
+    w, op, a_hat, b, z_star = make_layer(cin, cout, args.size, args.batch, args.seed, dev)
     tag = f"{cin}->{cout}"
-    t = time.perf_counter()
-    fs = FFTConvSolver(w, op.in_shape)
+    t = clock(dev)
+    fs = FFTConvSolver(w, op.in_shape, device=dev)
     fs.precondition("MDP" if op.shape[0] <= op.shape[1] else "CCP")  # timed with the factorisation
-    t_factor = time.perf_counter() - t
-    t = time.perf_counter()
+    t_factor = clock(dev) - t
+    t = clock(dev)
     cs = CapacitanceSolver(w, op.in_shape, fft_solver=fs)
-    t_cap = time.perf_counter() - t
+    t_cap = clock(dev) - t
 
     def record(method, res, seconds, ref, note="", a0=None):
         a0 = a_hat if a0 is None else a0
@@ -86,36 +119,40 @@ def run_case(cin, cout, args, rows, out):
     factor_row("fft factor (once per layer)", t_factor, "SVD per frequency")
     factor_row("fft-exact factor (once per layer)", t_cap,
                f"capacitance {cs.m}x{cs.m} gathered + Cholesky, cond est {cs.cond_est:.1e}, λ={cs.lam:g}")
-    t = time.perf_counter()
+    t = clock(dev)
     fft = solve(op, z_star, a_hat, b=b, method="fft", fft_solver=fs)
-    t_fft = time.perf_counter() - t
-    t = time.perf_counter()
+    t_fft = clock(dev) - t
+    t = clock(dev)
     ex = solve(op, z_star, a_hat, b=b, method="fft-exact", capacitance_solver=cs)
-    t_ex = time.perf_counter() - t
+    t_ex = clock(dev) - t
     ref = torch.as_tensor(ex.a)  # the exact reference (cross-checked against dense / fft-pcg / lsmr below)
     record("fft", fft, t_fft, ref, "approximate (paper §3.2)")
     record("fft-exact", ex, t_ex, None, "exact, direct (capacitance); the reference for 'dist'")
     k = max(1, min(args.iter_samples, args.batch))
     x = args.batch / k
     ext = f"{k} samples, time extrapolated x{x:g} (linear)" if k < args.batch else ""
-    t = time.perf_counter()
+    t = clock(dev)
     pcg = solve(op, z_star[:k], a_hat[:k], b=b, method="fft-pcg", fft_solver=fs, tol=args.tol)
-    record("fft-pcg", pcg, (time.perf_counter() - t) * x, ref[:k], f"tol {args.tol}; {ext}", a0=a_hat[:k])
+    record("fft-pcg", pcg, (clock(dev) - t) * x, ref[:k], f"tol {args.tol}; {ext}", a0=a_hat[:k])
     if not args.skip_cg:
-        t = time.perf_counter()
+        t = clock(dev)
         cg = solve(op, z_star[:k], a_hat[:k], b=b, method="cg", tol=args.tol)
-        record("cg", cg, (time.perf_counter() - t) * x, ref[:k], f"tol {args.tol}; {ext}", a0=a_hat[:k])
+        record("cg", cg, (clock(dev) - t) * x, ref[:k], f"tol {args.tol}; {ext}", a0=a_hat[:k])
     k = min(args.lsmr_samples, args.batch)
-    if k > 0:
+    if k > 0 and dev.type != "cpu":  # scipy's lsmr runs on the host only: not a device figure
+        rows.append({"layer": tag, "method": "lsmr", "case": "-", "seconds": None, "residual_max": None,
+                     "dist_to_exact": None, "iterations": None, "note": "skipped: cpu-only (scipy)"})
+        print(f"  {tag:8s} lsmr       skipped: cpu-only (scipy)", flush=True)
+    elif k > 0:
         t = time.perf_counter()
         ls = solve(op, z_star[:k], a_hat[:k], b=b, method="lsmr")
         sec = (time.perf_counter() - t) * args.batch / k
         record("lsmr", ls, sec, ref[:k], f"{k} samples, time extrapolated x{args.batch / k:.0f}", a0=a_hat[:k])
     need = dense_bytes(op.shape)
     if need <= args.max_gib * 2**30:
-        t = time.perf_counter()
+        t = clock(dev)
         de = solve(op, z_star, a_hat, b=b, method="dense", max_bytes=int(args.max_gib * 2**30))
-        record("dense", de, time.perf_counter() - t, ref)
+        record("dense", de, clock(dev) - t, ref, "" if dev.type == "cpu" else "W factored on the host")
     else:
         rows.append({"layer": tag, "method": "dense KKT", "case": "-", "seconds": None, "residual_max": None,
                      "dist_to_exact": None, "iterations": None,
@@ -123,17 +160,17 @@ def run_case(cin, cout, args, rows, out):
         print(f"  {tag:8s} dense      skipped: W is {op.shape[0]}x{op.shape[1]}, needs ~{need / 2**30:.0f} GiB", flush=True)
         if args.dense_size:
             s = args.dense_size
-            w2, op2, a2, b2, z2 = make_layer(cin, cout, s, args.batch, args.seed)
-            t = time.perf_counter()
-            fs2 = FFTConvSolver(w2, op2.in_shape)
+            w2, op2, a2, b2, z2 = make_layer(cin, cout, s, args.batch, args.seed, dev)
+            t = clock(dev)
+            fs2 = FFTConvSolver(w2, op2.in_shape, device=dev)
             f2 = solve(op2, z2, a2, b=b2, method="fft", fft_solver=fs2)
-            t_f2 = time.perf_counter() - t
-            t = time.perf_counter()
+            t_f2 = clock(dev) - t
+            t = clock(dev)
             e2 = solve(op2, z2, a2, b=b2, method="fft-exact", fft_solver=fs2)
-            t_e2 = time.perf_counter() - t
-            t = time.perf_counter()
+            t_e2 = clock(dev) - t
+            t = clock(dev)
             de = solve(op2, z2, a2, b=b2, method="dense")
-            t_de = time.perf_counter() - t
+            t_de = clock(dev) - t
             r = record(f"dense@{s}", de, t_de, torch.as_tensor(e2.a),
                        f"{s}x{s} input; there fft {t_f2:.2f} s, fft-exact {t_e2:.2f} s (incl. factors); "
                        "dist = fft-exact vs dense", a0=a2)
@@ -153,8 +190,11 @@ def out_json(path, rows, args):
     if path:
         tmp = path + ".tmp"
         with open(tmp, "w") as f:
-            json.dump({"args": vars(args), "rows": rows, "threads": torch.get_num_threads(),
-                       "loadavg": os.getloadavg()}, f, indent=1, default=float)
+            doc = {"args": vars(args), "rows": rows, "threads": torch.get_num_threads(),
+                   "loadavg": os.getloadavg(), "device": args.device}
+            if torch.device(args.device).type == "cuda":
+                doc["cuda_peak_mib"] = torch.cuda.max_memory_allocated(args.device) / 2**20
+            json.dump(doc, f, indent=1, default=float)
         os.replace(tmp, path)
 
 
@@ -170,6 +210,11 @@ def table(rows) -> str:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(a == "--models" or a.startswith("--models=") for a in argv):
+        from bench import reconstruct_layers
+
+        return reconstruct_layers.main(argv)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--size", type=int, default=32)
@@ -183,8 +228,13 @@ def main(argv=None) -> int:
     p.add_argument("--skip-cg", action="store_true")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:k: where the data and the solves live")
     p.add_argument("--out", default="bench_reconstruct.json")
     args = p.parse_args(argv)
+    dev = check_device(args.device, "bench.reconstruct")
+    if dev is None:
+        return 2
+    args.device = str(dev)
     if args.batch < 1 or args.size < 3:
         p.error(f"--batch must be ≥ 1 and --size ≥ 3, got {args.batch}, {args.size}")
     for opt, val in (("--threads", args.threads), ("--iter-samples", args.iter_samples)):

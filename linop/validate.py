@@ -19,6 +19,8 @@ Rules
   non-finite input means nothing).  A batch must hold at least one sample.
 * **Labels** (:func:`labels`): integers in ``[0, n_classes)``, one per sample.
 * **Dtypes** (:func:`dtype`): float32 or float64 (numpy / torch dtypes or their names).
+* **Devices** (:func:`device`): ``None`` / ``"cpu"``, ``"cuda"``, ``"cuda:k"`` or a
+  ``torch.device``; a CUDA device must exist on this machine.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["units", "dtype", "image", "batch", "labels", "finite"]
+__all__ = ["units", "dtype", "device", "image", "batch", "labels", "finite"]
 
 _FLOATS = {"float32": torch.float32, "float64": torch.float64, "double": torch.float64, "float": torch.float32}
 _REFUSED_FLOATS = (torch.float16, torch.bfloat16)
@@ -52,6 +54,28 @@ def dtype(value: Any, name: str = "dtype") -> torch.dtype:
         raise ValueError(f"{name} must be float32 or float64, got {dt} (float16 / bfloat16 lose the exactness "
                          "the identities rest on; integer / complex dtypes are not compute dtypes)")
     return dt
+
+
+def device(value: Any, name: str = "device") -> torch.device:
+    """``None`` (CPU), ``"cpu"``, ``"cuda"``, ``"cuda:k"`` or a ``torch.device``, validated: a
+    CUDA device needs CUDA on this machine and an existing index (else one clear line, not a
+    failure deep inside the first kernel)."""
+    if value is None:
+        return torch.device("cpu")
+    try:
+        dev = torch.device(value)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"{name} must be 'cpu', 'cuda' or 'cuda:k', got {value!r}") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda":
+        raise ValueError(f"{name} must be 'cpu', 'cuda' or 'cuda:k', got {value!r}")
+    if not torch.cuda.is_available():
+        raise ValueError(f"{name} {value!r}: CUDA is not available on this machine (torch "
+                         f"{torch.__version__}); use 'cpu'")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"{name} {value!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return dev
 
 
 def _as_tensor(value: Any, name: str) -> torch.Tensor:

@@ -265,7 +265,7 @@ def test_resumed_study_equals_uninterrupted(tmp_path):
         assert a["test_acc"] == b["test_acc"] and a["key"] == b["key"]
     table = json.loads((tmp_path / "cut" / "table.json").read_text())
     assert table["rows"] == json.loads((tmp_path / "full" / "table.json").read_text())["rows"]
-    for f in ("table.csv", "table.md", "fig6_pairs.png", "results.jsonl"):
+    for f in ("table.csv", "table.md", "frpt_vs_bppt_pairs.png", "results.jsonl"):
         assert (tmp_path / "cut" / f).stat().st_size > 0
     # a completed study re-run does no training; --no-resume starts afresh
     again = []
@@ -348,3 +348,22 @@ def test_compare_methods_mean_difference():
     assert 0.0 < c["welch_p"] < 1.0
     (c0,) = compare_methods([rec("BP", 0, 90.0), rec("BP", 1, 90.0), rec("FR", 0, 90.0), rec("FR", 1, 90.0)], 1, "ne")
     assert c0["fr_minus_bp"] == 0.0 and math.isnan(c0["welch_p"])  # constant samples: no test
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_study_refuses_a_missing_device_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match="device 'cuda'.*CUDA is not available"):
+        _study(tmp_path, "cuda", device="cuda")
+    with pytest.raises(ValueError, match="device must be 'cpu', 'cuda' or 'cuda:k'"):
+        _study(tmp_path, "tpu", device="tpu")
+    assert not (tmp_path / "cuda").exists() and not (tmp_path / "tpu").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA build of torch and a device")
+def test_study_on_cuda_matches_cpu(tmp_path):
+    """Same seeds on both devices: GPU kernels round differently, so accuracies agree to a few
+    test samples' worth, not bit for bit (1 sample of 64 = 1.5625 points)."""
+    cpu = _study(tmp_path, "cpu")
+    gpu = _study(tmp_path, "gpu", device="cuda")
+    for a, b in zip(cpu.records, gpu.records):
+        assert abs(a["test_acc"][-1] - b["test_acc"][-1]) <= 2 * 1.5625

@@ -25,6 +25,30 @@ def test_content_hash_is_content_not_identity():
     assert store.key_of({"a": 1, "b": "x"}) == store.key_of({"b": "x", "a": 1})
 
 
+def test_content_hash_of_a_network_survives_its_first_computation():
+    """Lazily filled memos (operators' structure, nodes' local Jacobians, the geometry) are not
+    content: hashing a network before and after a back-map and a linearisation gives one digest,
+    so a study's cache keys stay valid for the caller's object.  Changing a weight by one ulp
+    still changes it."""
+    import linop
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+                                torch.nn.Flatten(), torch.nn.Linear(2 * 3 * 3, 3)).eval().double()
+    net = linop.from_torch(model, (1, 8, 8))
+    before = store.content_hash(net)
+    x = torch.randn(1, 8, 8, dtype=torch.float64)
+    linop.backmap(net, x, net.unit_layers[-1], mode="RM2")
+    lin = linop.linearise(net, x)
+    lin.operator(net.unit_layers[-1]).to_sparse()
+    for n in net.nodes:
+        getattr(getattr(n, "op", None), "structure", None)
+    assert store.content_hash(net) == before
+    with torch.no_grad():
+        model[0].weight[0, 0, 0, 0] = torch.nextafter(model[0].weight[0, 0, 0, 0], torch.tensor(9.0).double())
+    assert store.content_hash(linop.from_torch(model, (1, 8, 8))) != before
+
+
 def test_atomic_write_leaves_nothing_on_error(tmp_path):
     p = store.atomic_write_bytes(tmp_path / "sub" / "f.bin", b"old")
     assert p.read_bytes() == b"old"

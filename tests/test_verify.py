@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from linop import hypersurface
+from linop.studies import errors as E
 from linop.studies import report as R
 
 # the module itself: the package attribute ``linop.verify`` is the function
@@ -121,9 +122,9 @@ def test_error_bins_layout_and_monotone():
 
 
 # ---------------------------------------------------------------------------- aggregation
-def _write_fake(path: Path, eps: np.ndarray, c: np.ndarray, thr: float = 0.01):
-    hist, stats = V._image_layer_record(eps, c, thr)
-    np.savez(path, meta=np.array("{}"), **{"eps:L": eps, "hist:L": hist, "stats:L": stats})
+def _write_fake(path: Path, eps: np.ndarray, c: np.ndarray, thr: float = 0.01, keep_eps: bool = True):
+    rec = E.layer_record(eps, c, thr, keep_eps=keep_eps)
+    np.savez(path, meta=np.array("{}"), **{f"{k}:L": v for k, v in rec.items()})
     return path
 
 
@@ -140,7 +141,7 @@ def test_aggregate_equals_direct(tmp_path, counts):
         all_eps.append(eps)
         all_c.append(c)
         files.append(_write_fake(tmp_path / f"{j}.npz", eps, c))
-    rows, hists = V.aggregate(files, ["L"], "float32")
+    rows, hists, _ = V.aggregate(files, ["L"], "float32")
     r = rows[0]
     e = np.abs(np.concatenate(all_eps))
     c = np.concatenate(all_c)
@@ -154,10 +155,11 @@ def test_aggregate_equals_direct(tmp_path, counts):
 def test_aggregate_median_memory_fallback(tmp_path):
     eps = 1e-7 * (1 + 1e-9 * np.arange(101.0))  # all in one fine bin
     f = _write_fake(tmp_path / "a.npz", eps, np.ones_like(eps))
-    rows, _ = V.aggregate([f], ["L"], "float32", memory_budget=64)  # 101 values · 8 B > 64 B
+    rows, _, _ = V.aggregate([f], ["L"], "float32", memory_budget=64)  # 101 values · 8 B > 64 B
     r = rows[0]
     assert not r["median_exact"]
-    # the bin's geometric centre is within half a bin (0.005 decade) of the true median
+    assert r["median_lo"] <= np.median(eps) <= r["median_hi"]
+    # the bin's geometric centre is within half a bin (0.0005 decade) of the true median
     assert abs(math.log10(r["median_abs"]) - math.log10(np.median(eps))) <= V.LOG10_STEP / 2 + 1e-12
 
 
@@ -165,7 +167,7 @@ def test_aggregate_median_memory_fallback(tmp_path):
 def test_study_with_standin_float64_exact_and_direct(tmp_path, standin):
     net = _tiny_net()
     x = _images(3)
-    rep = V.verify(net, x, out_dir=tmp_path, progress=False, figures=False)
+    rep = V.verify(net, x, out_dir=tmp_path, progress=False, figures=False, keep_eps=True)
     assert rep.layers == ["Conv1", "FC"]  # first conv skipped (seed 000 §3.3), FC kept
     assert standin.calls == 3 * 2 and rep.computed == 6 and rep.cached == 0
     for layer, units in (("Conv1", 3 * 4 * 4), ("FC", 4)):
@@ -250,7 +252,8 @@ def test_interrupted_run_keeps_finished_images(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         V.verify(net, x, out_dir=tmp_path, progress=False, figures=False)
     idx = json.loads((tmp_path / "index.json").read_text())
-    assert set(idx["entries"]["float32"]) == {"0"}  # image 0 complete and indexed
+    # every finished (image, dtype) is indexed: image 0 both dtypes, image 1 float32
+    assert set(idx["entries"]["float32"]) == {"0", "1"} and set(idx["entries"]["float64"]) == {"0"}
     inner.calls = 0
     monkeypatch.setattr(hypersurface, "reconstructed_activations", inner)
     rep = V.verify(net, x, out_dir=tmp_path, progress=False, figures=False)
@@ -265,7 +268,11 @@ def test_figures_written(tmp_path, standin):
         data = p.read_bytes()
         assert data[:8] == PNG_MAGIC and len(data) > 2000
     with np.load(tmp_path / "histograms.npz") as z:
-        assert z["float64:Conv1"].sum() == 2 * 48
+        assert z["float64:Conv1"].sum() == 2 * 48 and z["float64:Conv1:signed"].sum() == 2 * 48
+    for name in ("signed_float32.png", "signed_float64.png"):
+        assert (tmp_path / name).read_bytes()[:8] == PNG_MAGIC
+    # c, ĉ of the figure layer for the figure image only (absolute image 0 here)
+    assert sorted(p.name for p in (tmp_path / "maps" / "float32").iterdir()) == ["00000.npz"]
 
 
 def test_plot_feature_maps_validates(tmp_path):

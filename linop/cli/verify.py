@@ -12,9 +12,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ._execution import add_execution_arguments, check_execution_args, execution_error_line, runtime_errors
 from ._models import checkpoint_dir, models_module, normalization
 
-__all__ = ["add_arguments", "run"]
+__all__ = ["add_arguments", "parse_range", "run"]
 
 _DEFAULT_MODEL, _DEFAULT_DATA = "vgg7", "digits32"
 
@@ -30,13 +31,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", type=str, default=None,
                         help="data set: digits, digits32, cifar10, cifar100, mnist (default: the checkpoint's)")
     parser.add_argument("--root", type=str, default=None, help="directory of cifar10 / cifar100 / mnist files")
-    parser.add_argument("--n-images", type=int, default=4, help="first N test images (default 4)")
+    rng = parser.add_mutually_exclusive_group()
+    rng.add_argument("--n-images", type=int, default=None, help="the first N test images (= --images 0:N; default 4)")
+    rng.add_argument("--images", type=str, default=None, metavar="A:B",
+                     help="test images A..B-1 (absolute numbers, Python slice without step; ':B' = '0:B', "
+                          "'A:' = to the end). Result files are named by image number, so shards share --out")
     parser.add_argument("--dtypes", nargs="+", default=["float32", "float64"], help="compute dtypes")
     parser.add_argument("--layers", nargs="+", default=None, help="unit layers (default: all but the first conv)")
     parser.add_argument("--scale", type=float, default=0.125, help="k of z = k·[x; x_b] (seed 000 Eq. 3)")
     parser.add_argument("--threshold", type=float, default=0.01, help="|ε| bound of the table (default 1%%)")
     parser.add_argument("--out", type=str, default="results/verify", help="output directory")
     parser.add_argument("--no-resume", action="store_true", help="recompute cached per-image results")
+    parser.add_argument("--keep-eps", action="store_true",
+                        help="also store the signed ε of every unit (float64, 8 B/unit) for an exact median "
+                             "(default: compact files, median located to a 0.001-decade bin)")
+    add_execution_arguments(parser, "(image, dtype)")
     parser.add_argument("--memory-budget", type=str, default="2GiB", help="e.g. 2GiB, 512MiB")
     parser.add_argument("--include-first-conv", action="store_true", help="also verify the first conv layer")
     parser.add_argument("--figure-layer", type=str, default=None, help="layer of the Fig. E.1 figure")
@@ -89,11 +98,40 @@ def _check_args(args: argparse.Namespace) -> None:
     from . import check_out
 
     check_out(args.out)
-    if args.n_images < 1:
+    if args.n_images is not None and args.n_images < 1:
         raise ValueError(f"--n-images must be ≥ 1, got {args.n_images}")
+    if args.images is not None:
+        parse_range(args.images, None)
     parse_size(args.memory_budget, "--memory-budget")
     for d in args.dtypes:
         _dtype_name(d)
+    check_execution_args(args)
+
+
+def parse_range(text: str, n_test: int | None) -> range:
+    """``--images A:B`` as a range of absolute test-image numbers (Python slice semantics
+    without a step: A included, B excluded; ``:B`` = ``0:B``, ``A:`` = to the end).  Refused:
+    anything else, negative numbers, an empty or reversed range, B beyond the ``n_test``
+    images (when known)."""
+    parts = str(text).split(":")
+    if len(parts) != 2:
+        raise ValueError(f"--images {text!r}: give a range A:B (e.g. 0:100)")
+    try:
+        a = int(parts[0]) if parts[0].strip() else 0
+        b = int(parts[1]) if parts[1].strip() else None
+    except ValueError:
+        raise ValueError(f"--images {text!r}: A and B must be integers (A:B, e.g. 100:200)") from None
+    if a < 0 or (b is not None and b < 0):
+        raise ValueError(f"--images {text!r}: image numbers must be ≥ 0")
+    if b is None:
+        if n_test is None:
+            return range(a, a + 1)  # syntax checked; the end is known once the data set is
+        b = n_test
+    if b <= a:
+        raise ValueError(f"--images {text!r}: empty or reversed range (need A < B)")
+    if n_test is not None and b > n_test:
+        raise ValueError(f"--images {text!r}: the data set has {n_test} test images (0:{n_test})")
+    return range(a, b)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -105,18 +143,35 @@ def run(args: argparse.Namespace) -> int:
         _check_args(args)
         model, ds, desc = _load_source(args)
         n_test = int(ds.x_test.shape[0])
-        if args.n_images > n_test:
-            raise ValueError(f"--n-images {args.n_images} is more than the {n_test} test images of {ds.name}")
-        rep = verify(model, ds.x_test[: args.n_images], dtypes=args.dtypes, layers=args.layers, scale=args.scale,
-                     out_dir=args.out, resume=not args.no_resume, progress=not args.no_progress,
+        if args.images is not None:
+            idx = parse_range(args.images, n_test)
+        else:
+            n = 4 if args.n_images is None else args.n_images
+            if n > n_test:
+                raise ValueError(f"--n-images {n} is more than the {n_test} test images of {ds.name}")
+            idx = range(n)
+        rep = verify(model, ds.x_test[idx.start: idx.stop], dtypes=args.dtypes, layers=args.layers,
+                     scale=args.scale, out_dir=args.out, resume=not args.no_resume, progress=not args.no_progress,
                      threshold=args.threshold, skip_first_conv=not args.include_first_conv,
-                     memory_budget=args.memory_budget, figure_layer=args.figure_layer, name=desc)
-    except KeyError as exc:  # a key missing from a checkpoint's metadata: bad input, one line
-        print(f"linop verify: error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
+                     memory_budget=args.memory_budget, figure_layer=args.figure_layer, name=desc,
+                     indices=idx, keep_eps=args.keep_eps, executor=args.scheduler, workers=args.workers,
+                     device=args.device)
+    except (KeyError, *runtime_errors()) as exc:
+        # a key missing from a checkpoint's metadata, Dask missing, no scheduler at the address,
+        # a worker that died repeatedly (finished results are kept): one line, exit 2
+        print(f"linop verify: error: {execution_error_line(exc)}", file=sys.stderr)
         return 2
-    print(f"# verification study: {desc} on {ds.name}, {rep.n_images} test image(s), k = {rep.scale:g} "
-          f"({rep.computed} computed, {rep.cached} from cache)\n")
+    where = f"{rep.executor}, {rep.device}"
+    print(f"# verification study: {desc} on {ds.name}, test images {idx.start}:{idx.stop} "
+          f"({rep.n_images}), k = {rep.scale:g} ({rep.computed} computed, {rep.cached} from cache; "
+          f"{where}; {rep.wall_s:.1f} s; {'ε kept, exact median' if rep.keep_eps else 'compact files'})\n")
     print(rep.markdown())
+    if not rep.keep_eps:
+        from ..studies.errors import MEDIAN_REL_UNCERTAINTY
+
+        print(f"\nmedian |ε|: the geometric centre of its 0.001-decade bin (relative uncertainty ≤ "
+              f"{MEDIAN_REL_UNCERTAINTY:.2e}; bounds in summary.json); counts and max are exact. "
+              "--keep-eps gives the exact median.")
     print()
     for line in rep.criteria_lines:
         print(line)

@@ -160,6 +160,8 @@ def from_torch(module: nn.Module, input_shape: Sequence[int], dtype: Any = torch
 
     Raises
     ------
+    TypeError
+        ``module`` is not a ``torch.nn.Module``.
     ValueError
         Module in training mode, bad ``input_shape`` / ``dtype``.
     NotImplementedError
@@ -167,7 +169,7 @@ def from_torch(module: nn.Module, input_shape: Sequence[int], dtype: Any = torch
         error lists every such fx node with its op / target and source line.
     """
     if not isinstance(module, nn.Module):
-        raise ValueError(f"from_torch: module must be a torch.nn.Module, got {type(module).__name__}")
+        raise TypeError(f"from_torch: module must be a torch.nn.Module, got {type(module).__name__}")
     name = name or type(module).__name__
     input_shape = as_shape(input_shape, "input_shape")
     dt = torch_dtype(dtype)

@@ -4,8 +4,16 @@ Modules that have a registered converter (:mod:`linop.convert.registry`) are kep
 so their handler sees one ``call_module`` node; everything else is traced through.  Shapes come
 from :class:`torch.fx.passes.shape_prop.ShapeProp` on a dummy batch of :data:`DUMMY_BATCH`
 samples (not 1, so a reshape that mixes samples of the batch shows).
+
+Every node records the Python stack that created it (``node.stack_trace``, read by
+:func:`linop.convert.errors.source_frame` to point a conversion error at the user's line).
+torch's own recorder (``Tracer.record_stack_traces``) symbolises through its profiler, which
+imports ``torch._inductor`` / ``torch._dynamo`` (~2.7 s on a process's first conversion, paid
+by every study worker); :class:`_Tracer` records the same frames with :mod:`traceback`.
 """
 from __future__ import annotations
+
+import traceback
 
 import torch
 from torch import fx, nn
@@ -24,7 +32,15 @@ class _Tracer(fx.Tracer):
 
     def __init__(self):
         super().__init__()
-        self.record_stack_traces = True
+        self.record_stack_traces = False  # torch's recorder imports torch._inductor (slow)
+
+    def create_node(self, *args, **kwargs) -> fx.Node:
+        """torch's node, with ``stack_trace`` set from :func:`traceback.extract_stack`
+        (``File "...", line N, in fn`` / code lines, innermost last, as torch writes it)."""
+        node = super().create_node(*args, **kwargs)
+        if not node.stack_trace:
+            node.stack_trace = "".join(traceback.format_list(traceback.extract_stack()[:-1])).strip()
+        return node
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return has_module_rule(m) or super().is_leaf_module(m, module_qualified_name)

@@ -45,6 +45,11 @@ class LayerJacobian:
     bias part ``Tb[k, u]`` for the bias entries ``cols`` (all other bias entries are 0).
     ``channels`` lists the image channels this object covers (all, unless computed in
     column groups).  Use :meth:`image`, :meth:`bias`, :meth:`dot`, :meth:`windows`.
+
+    The sweep hands over its batches ``T`` / ``B`` as computed (4-D CPU batches are
+    channels-last, :data:`linop.linearize.tangents.CHANNELS_LAST`); :meth:`dot` and the
+    all-unit :meth:`image` read them in place, ``Ti`` / ``Tb`` are C-order copies made on first
+    use (and kept).
     """
 
     name: str
@@ -57,20 +62,50 @@ class LayerJacobian:
     rx: int
     oy: torch.Tensor
     ox: torch.Tensor
-    Ti: torch.Tensor  # (nc, Py, Px, U)
-    Tb: torch.Tensor  # (nb, U)
+    #: the image tangents as the sweep's batch ``(nc·Py·Px, *out_shape)``, in any memory format
+    #: (the sweep keeps 4-D batches channels-last); :attr:`Ti` is its ``(nc, Py, Px, U)`` view
+    T: torch.Tensor
+    #: the bias tangents as a batch ``(nb, *out_shape)`` in any memory format; :attr:`Tb` is ``(nb, U)``
+    B: torch.Tensor
     cols: torch.Tensor
     #: the node's x-independent geometry (index caches); None when built by hand
     geom: Any = field(default=None, repr=False, compare=False)
 
     @property
+    def Ti(self) -> torch.Tensor:
+        """Image tangents ``(nc, Py, Px, U)``, units flat in C order (a copy, made once, when
+        the batch is channels-last)."""
+        hit = self.__dict__.get("_Ti")
+        if hit is None:
+            hit = self.T.reshape(self.channels.numel(), self.P[0], self.P[1], self.n_units)
+            self.__dict__["_Ti"] = hit
+        return hit
+
+    @property
+    def Tb(self) -> torch.Tensor:
+        """Bias tangents ``(nb, U)`` for the bias entries ``cols``."""
+        hit = self.__dict__.get("_Tb")
+        if hit is None:
+            hit = self.B.reshape(self.B.shape[0], self.n_units)
+            self.__dict__["_Tb"] = hit
+        return hit
+
+    @property
     def n_units(self) -> int:
-        return int(self.Ti.shape[-1])
+        return int(np.prod(self.T.shape[1:]))
+
+    def _cl_view(self, T: torch.Tensor) -> torch.Tensor | None:
+        """``(n, S, C)`` view of a channels-last ``(n, C, H, W)`` batch (``S = H·W``; unit
+        ``(c, s)`` is entry ``[:, s, c]``), or None when ``T`` is not stored channels-last."""
+        if T.dim() != 4 or T.is_contiguous() or not T.is_contiguous(memory_format=torch.channels_last):
+            return None
+        n, C, H, W = T.shape
+        return T.permute(0, 2, 3, 1).reshape(n, H * W, C)
 
     def _units(self, units: Any) -> torch.Tensor:
         if units is None:
-            return torch.arange(self.n_units, device=self.Ti.device)
-        u = torch.as_tensor(units, dtype=torch.long, device=self.Ti.device).reshape(-1)
+            return torch.arange(self.n_units, device=self.T.device)
+        u = torch.as_tensor(units, dtype=torch.long, device=self.T.device).reshape(-1)
         if u.numel() and (int(u.min()) < 0 or int(u.max()) >= self.n_units):
             raise ValueError(f"{self.name}: units must be flat indices in [0, {self.n_units}), got min {int(u.min())}, max {int(u.max())}")
         return u
@@ -100,15 +135,28 @@ class LayerJacobian:
         k = u.numel()
         Py, Px = self.P
         full_chans = nc == C and torch.equal(self.channels.cpu(), torch.arange(C))
-        dst = _out_view(out, (k, C, H, W), self.Ti) if full_chans else self.Ti.new_empty((k, nc, H, W))
+        dst = _out_view(out, (k, C, H, W), self.T) if full_chans else self.T.new_empty((k, nc, H, W))
         all_units = k == self.n_units and bool((u == torch.arange(self.n_units, device=u.device)).all())
         L = Py * Px
-        T2 = self.Ti.reshape(nc * L, self.n_units)  # tangent-major; its 2-D transpose is a fast copy
+        Tcl = self._cl_view(self.T) if all_units else None  # (nc·L, S, G) of a channels-last batch
+        # tangent-major (materialised from a channels-last batch only when a subset is asked for)
+        T2 = self.Ti.reshape(nc * L, self.n_units) if Tcl is None else None
+
+        def unit_major(buf: torch.Tensor) -> None:
+            """``buf`` (U, nc·L) ← the tangents unit-major: one transposed copy in either layout."""
+            if Tcl is not None:  # unit (g, s) of a (n, S, G) batch
+                buf.view(Tcl.shape[2], Tcl.shape[1], nc * L).copy_(Tcl.permute(2, 1, 0))
+            else:
+                buf.copy_(T2.t())
+
         if (Py, Px) == (H, W):
             # dense regime: colour (c, a, b) is pixel (c, a, b); outside a unit's window the
             # tangents are exact zeros already (structurally zero Jacobian entries), so H^I is
             # the transposed tangent batch — one 2-D transposed copy
-            dst.view(k, nc * L).copy_(T2.t() if all_units else T2.index_select(1, u).t())
+            if all_units:
+                unit_major(dst.view(k, nc * L))
+            else:
+                dst.view(k, nc * L).copy_(T2.index_select(1, u).t())
         else:
             G, S = (spatial_groups(self.geom, self.out_shape) if self.geom is not None else (1, self.n_units))
             idx, mask = self._colour_index(S)  # (S, nc·H·W) colours, (S, H·W) window mask or None
@@ -116,8 +164,11 @@ class LayerJacobian:
             for a0 in range(0, k, chunk):
                 uu = u[a0:a0 + chunk]
                 kk = uu.numel()
-                Tt = T2.new_empty((kk, nc * L))
-                Tt.copy_(T2.t() if all_units else T2.index_select(1, uu).t())  # unit-major, colour last
+                Tt = self.T.new_empty((kk, nc * L))
+                if all_units:  # unit-major, colour last
+                    unit_major(Tt)
+                else:
+                    Tt.copy_(T2.index_select(1, uu).t())
                 d = dst[a0:a0 + kk]
                 if all_units:
                     torch.gather(Tt.view(G, S, nc * L), 2, idx.view(1, S, nc * H * W).expand(G, S, nc * H * W),
@@ -131,7 +182,7 @@ class LayerJacobian:
                         d.view(kk, nc, H * W).mul_(mask.index_select(0, s_u)[:, None, :])
         if full_chans:
             return dst
-        fullo = _out_view(out, (k, C, H, W), self.Ti)
+        fullo = _out_view(out, (k, C, H, W), self.T)
         fullo.zero_()
         fullo[:, self.channels.to(u.device)] = dst
         return fullo
@@ -147,11 +198,11 @@ class LayerJacobian:
         C, H, W = self.image_shape
         nc = self.channels.numel()
         Py, Px = self.P
-        key = ("colour", self.P, (self.ry, self.rx), S, nc, str(self.Ti.device), self.Ti.dtype)
+        key = ("colour", self.P, (self.ry, self.rx), S, nc, str(self.T.device), self.T.dtype)
         cache = self.geom.cache if self.geom is not None else {}
         hit = cache.get(key)
         if hit is None:
-            dev = self.Ti.device
+            dev = self.T.device
             oy, ox = self.oy[:S].to(dev), self.ox[:S].to(dev)
             y = torch.arange(H, device=dev)
             xx = torch.arange(W, device=dev)
@@ -170,7 +221,7 @@ class LayerJacobian:
                                   zx[:, :, None].expand(S, H, W))
             else:
                 col = (ry[:, :, None] * Px + rx[:, None, :])
-                mask = (iny[:, :, None] & inx[:, None, :]).reshape(S, H * W).to(self.Ti.dtype)
+                mask = (iny[:, :, None] & inx[:, None, :]).reshape(S, H * W).to(self.T.dtype)
             col = col.reshape(S, 1, H * W) + (torch.arange(nc, device=dev) * (Py * Px))[None, :, None]
             hit = (col.reshape(S, nc * H * W).contiguous(), mask)
             cache[key] = hit
@@ -180,7 +231,7 @@ class LayerJacobian:
         """Dense bias parts ``H^b``, shape ``(k, n_b)`` (``out``: optional buffer, as in :meth:`image`)."""
         u = self._units(units)
         k = u.numel()
-        dst = _out_view(out, (k, self.n_bias), self.Tb)
+        dst = _out_view(out, (k, self.n_bias), self.B)
         n = self.cols.numel()
         all_units = k == self.n_units and bool((u == torch.arange(self.n_units, device=u.device)).all())
         Tb = self.Tb if all_units else self.Tb.index_select(1, u)
@@ -214,20 +265,28 @@ class LayerJacobian:
         return T.gather(3, dx[:, None, None, :].expand(k, nc, self.ry, self.rx)), oy, ox
 
     def dot(self, x: torch.Tensor, x_b: torch.Tensor | None = None) -> torch.Tensor:
-        """``<x, H^I_u> + <x_b, H^b_u>`` for every unit (flat, C-order), without forming H."""
-        C, H, W = self.image_shape
-        x = x.reshape(C, H, W).to(self.Ti)
-        xc = x.index_select(0, self.channels.to(x.device))
-        xp = xc.new_zeros(xc.shape[0], H + 1, W + 1)
-        xp[:, :H, :W] = xc
+        """``<x, H^I_u> + <x_b, H^b_u>`` for every unit (flat, C-order), without forming H.
 
+        Reads the tangent batches in their stored memory format (channels-last batches through
+        an ``(n, S, C)`` view: the same sums, no layout copy)."""
+        C, H, W = self.image_shape
+        x = x.reshape(C, H, W).to(self.T)
+        xc = x.index_select(0, self.channels.to(x.device))
         U = self.n_units
         Py, Px = self.P
+        nc = xc.shape[0]
+        Tcl = self._cl_view(self.T)
         if (Py, Px) == (H, W):
             # dense regime: colour (c, a, b) is pixel (c, a, b), and outside a unit's window the
             # tangents are exact structural zeros: a matrix-vector product
-            out = self.Ti.reshape(-1, U).T @ xc.reshape(-1)
+            if Tcl is not None:
+                n, S, G = Tcl.shape
+                out = (xc.reshape(1, -1) @ Tcl.reshape(n, S * G)).reshape(S, G).t().reshape(U)
+            else:
+                out = self.T.reshape(-1, U).T @ xc.reshape(-1)
         else:
+            xp = xc.new_zeros(nc, H + 1, W + 1)
+            xp[:, :H, :W] = xc
             G, S = (spatial_groups(self.geom, self.out_shape) if self.geom is not None else (1, U))
             key = ("dot", self.P, (self.ry, self.rx), S, str(x.device))
             cache = self.geom.cache if self.geom is not None else {}
@@ -242,9 +301,18 @@ class LayerJacobian:
                 X = pix(self.ox[:S].to(x.device), Px, self.rx, W)
                 flat = (Y[:, None, :] * (W + 1) + X[None, :, :]).reshape(-1)  # (Py·Px·S,), x-independent
                 cache[key] = flat
-            nc = xp.shape[0]
-            xg = xp.reshape(nc, -1).index_select(1, flat).reshape(nc, Py * Px, 1, S)
-            out = (self.Ti.reshape(nc, Py * Px, G, S) * xg).sum(dim=(0, 1)).reshape(U)
+            xg = xp.reshape(nc, -1).index_select(1, flat)
+            if Tcl is not None and (G, S) == (Tcl.shape[2], Tcl.shape[1]):
+                # channels-last: Σ_{c,colour} T[(c, colour), s, g]·x[c, colour, s] in the stored order
+                out = (Tcl * xg.reshape(nc * Py * Px, S, 1)).sum(0).t().reshape(U)
+            else:
+                out = (self.Ti.reshape(nc, Py * Px, G, S) * xg.reshape(nc, Py * Px, 1, S)).sum(dim=(0, 1)).reshape(U)
         if x_b is not None and self.cols.numel():
-            out = out + self.Tb.T @ x_b.to(self.Tb).reshape(-1)[self.cols.to(x.device)]
+            xb = x_b.to(self.B).reshape(-1)[self.cols.to(x.device)]
+            Bcl = self._cl_view(self.B)
+            if Bcl is not None:
+                n, S, G = Bcl.shape
+                out = out + (xb.reshape(1, -1) @ Bcl.reshape(n, S * G)).reshape(S, G).t().reshape(U)
+            else:
+                out = out + self.Tb.T @ xb
         return out

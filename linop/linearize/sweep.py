@@ -83,7 +83,7 @@ def _run(lin: "Linearisation", tnodes: dict[str, str], chans: torch.Tensor, sche
             yield LayerJacobian(
                 name=tnodes[n.name], out_shape=tuple(n.out_shape), image_shape=lin.image_shape,
                 n_bias=lin.net.n_bias, channels=chans, P=st.P, ry=g.ry, rx=g.rx, oy=g.oy, ox=g.ox,
-                Ti=st.Ti.reshape(nc, st.P[0], st.P[1], U), Tb=st.Tb.reshape(-1, U), cols=st.cols, geom=g,
+                T=st.Ti, B=st.Tb, cols=st.cols, geom=g,
             )
         for j in n.inputs:
             if last[j] == i:

@@ -81,6 +81,9 @@ class Operator(spla.LinearOperator):
         the data it is given (parameters are cast, once, and cached).
     """
 
+    #: lazily filled memos, not content (``linop.studies.store.content_hash`` skips them)
+    _memo_attrs = ("_param_cache", "_structure")
+
     def __init__(self, in_shape: Sequence[int], out_shape: Sequence[int], dtype: Any = np.float64):
         self.in_shape = as_shape(in_shape, "in_shape")
         self.out_shape = as_shape(out_shape, "out_shape")

@@ -9,6 +9,7 @@ Verification (seed 000, :mod:`linop.studies.verify`):
   units with |ε| ≤ 1 %, max and median |ε|);
 * :func:`criteria_lines` — one PASS/FAIL line per dtype against the paper's criteria;
 * :func:`plot_error_histograms` — per-layer histograms of log10|ε| (Figs. 6–11);
+* :func:`plot_signed_errors` — per-layer histograms of the signed ε on the paper's ±1e-4 axis;
 * :func:`plot_feature_maps` — c, ĉ, ĉ − c and the normalised difference (Fig. E.1).
 
 Reconstruction (seed 001 §3, :mod:`linop.studies.reconstruct`):
@@ -20,7 +21,8 @@ Reconstruction (seed 001 §3, :mod:`linop.studies.reconstruct`):
 Post-training (seed 001 §4, :mod:`linop.studies.posttrain`):
 
 * :func:`posttrain_markdown` — the layout of Tables 1–6 (mean ± std per reported epoch);
-* :func:`plot_pairs` — FR-PT box plots per (l_S, l_R) (Fig. 6);
+* :func:`plot_pairs` — FR-PT box plots vs the BP-PT mean per (l_S, l_R) (the layout of
+  Fig. 6, over pairs instead of training stages);
 * :func:`plot_embeddings` — the output-embedding ablation with 95 % intervals (Fig. 5).
 
 Shared: :func:`write_csv`.  Figures are drawn on matplotlib's Agg canvas (no display, no
@@ -49,6 +51,7 @@ __all__ = [
     "plot_error_histograms",
     "plot_feature_maps",
     "plot_pairs",
+    "plot_signed_errors",
     "posttrain_markdown",
     "reconstruction_table",
     "write_csv",
@@ -161,6 +164,14 @@ def _figure(figsize: tuple[float, float]):
     return fig
 
 
+def _fixed_layout(fig, nrow: int) -> None:
+    """Margins for a grid of small panels with a suptitle: what ``tight_layout`` finds, without
+    its cost (it draws every tick label of every panel twice: seconds for a 20-layer network)."""
+    h = fig.get_figheight()
+    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.5 / h, top=1 - 0.75 / h, wspace=0.32,
+                        hspace=0.5 if nrow > 1 else 0.2)
+
+
 def plot_error_histograms(
     path: str | os.PathLike,
     hists: Mapping[str, np.ndarray],
@@ -168,7 +179,7 @@ def plot_error_histograms(
     dtype: str,
     threshold: float = 0.01,
     title: str = "",
-    rebin: int = 10,
+    rebin: int | None = None,
 ) -> Path:
     """Per-layer histograms of log10|ε| (seed 000 Figs. 6–11), one subplot per layer.
 
@@ -177,7 +188,8 @@ def plot_error_histograms(
     hists : layer -> counts laid out as ``[ε = 0, |ε| below the first edge, bins…,
         |ε| ≥ last edge (incl. inf), nan]`` (the layout of ``linop.verify``).
     log10_edges : edges of the regular bins in log10|ε|.
-    rebin : merge this many fine bins per bar (the fine bins exist for the exact median).
+    rebin : merge this many fine bins per bar (default: bars of 0.1 decade; the fine bins
+        exist for the median).
     """
     layers = list(hists)
     ncol = min(3, max(1, len(layers)))
@@ -186,6 +198,10 @@ def plot_error_histograms(
     axes = fig.subplots(nrow, ncol, squeeze=False)
     edges = np.asarray(log10_edges, dtype=np.float64)
     nb = len(edges) - 1
+    if rebin is None:
+        rebin = max(1, int(round(0.1 / (edges[1] - edges[0]))))
+    if not isinstance(rebin, (int, np.integer)) or rebin < 1:
+        raise ValueError(f"rebin must be a positive integer, got {rebin!r}")
     for ax, layer in zip(axes.flat, layers):
         h = np.asarray(hists[layer], dtype=np.int64)
         n_zero, n_under, fine, n_over, n_nan = h[0], h[1], h[2 : 2 + nb], h[2 + nb], h[3 + nb]
@@ -201,7 +217,8 @@ def plot_error_histograms(
             coarse = sub.reshape(-1, rebin).sum(axis=1)
             step = edges[1] - edges[0]
             left = edges[lo] + np.arange(len(coarse)) * rebin * step
-            ax.bar(left, coarse, width=rebin * step, align="edge", color="tab:blue", edgecolor="none")
+            # one step artist per panel (not one patch per bar: a many-layer figure draws in ~1 s)
+            ax.stairs(coarse, np.append(left, left[-1] + rebin * step), fill=True, color="tab:blue")
         ax.axvline(math.log10(threshold), color="tab:red", lw=1, ls="--")
         ax.set_yscale("log") if nz.size and fine.max() > 0 else None
         notes = [f"units {total}", f"ε = 0: {n_zero}"]
@@ -220,7 +237,89 @@ def plot_error_histograms(
     for ax in list(axes.flat)[len(layers) :]:
         ax.axis("off")
     fig.suptitle(title or f"relative errors ε (seed 000 Eq. 16), {dtype}; red: |ε| = {threshold:g}", fontsize=10)
-    fig.tight_layout()
+    _fixed_layout(fig, nrow)
+    return _savefig(fig, path)
+
+
+def plot_signed_errors(
+    path: str | os.PathLike,
+    signed: Mapping[str, np.ndarray],
+    log10_edges: np.ndarray,
+    dtype: str,
+    threshold: float = 0.01,
+    xlim: float = 1e-4,
+    bins: int = 101,
+    title: str = "",
+) -> Path:
+    """Per-layer histograms of the *signed* ε on a linear axis ``[−xlim, xlim]`` (the paper's
+    ±1e-4 axis of seed 000 Figs. 6–11), one subplot per layer, built from the signed fine
+    histogram of the verification study.
+
+    Each fine bin of log10|ε| (0.001 decade wide) is placed at its geometric centre; a bin
+    straddling a bar edge is put wholly on one side — a display rounding of ≤ 0.12 % of |ε|,
+    the counts themselves are exact.  Units outside the axis are counted in the box.  The
+    ±``threshold`` lines are drawn when they fall on the axis; otherwise the title says so.
+
+    Parameters
+    ----------
+    signed : layer -> counts in the layout ``[ε = 0, nan, ε < 0: (under, fine bins…, over),
+        ε > 0: (under, fine bins…, over)]`` (``linop.studies.errors.SIGNED_LAYOUT``).
+    log10_edges : edges of the fine bins in log10|ε|.
+    xlim : half-width of the axis; bins : number of bars over it (odd: one centred on 0).
+    """
+    if not (isinstance(xlim, (int, float)) and math.isfinite(xlim) and xlim > 0):
+        raise ValueError(f"xlim must be a positive finite number, got {xlim!r}")
+    if not isinstance(bins, (int, np.integer)) or bins < 1:
+        raise ValueError(f"bins must be a positive integer, got {bins!r}")
+    edges = np.asarray(log10_edges, dtype=np.float64)
+    nb = len(edges) - 1
+    side = nb + 2
+    centres = np.concatenate([[10.0 ** edges[0] / 2],  # below the first edge: drawn at half of it
+                              10.0 ** ((edges[:-1] + edges[1:]) / 2), [np.inf]])
+    layers = list(signed)
+    ncol = min(3, max(1, len(layers)))
+    nrow = math.ceil(len(layers) / ncol)
+    fig = _figure((4.2 * ncol, 3.0 * nrow))
+    axes = fig.subplots(nrow, ncol, squeeze=False)
+    bar_edges = np.linspace(-xlim, xlim, bins + 1)
+    on_axis = threshold <= xlim
+    for ax, layer in zip(axes.flat, layers):
+        h = np.asarray(signed[layer], dtype=np.int64)
+        if h.shape != (2 + 2 * side,):
+            raise ValueError(f"signed histogram of {layer!r} has {h.size} slots, expected {2 + 2 * side}")
+        neg, pos = h[2: 2 + side], h[2 + side:]
+        vals = np.concatenate([[0.0], -centres, centres])
+        counts = np.concatenate([h[:1], neg, pos])
+        keep = counts > 0
+        vals, counts = vals[keep], counts[keep]
+        inside = np.abs(vals) <= xlim
+        bar, _ = np.histogram(vals[inside], bins=bar_edges, weights=counts[inside])
+        ax.stairs(bar, bar_edges, fill=True, color="tab:blue")
+        if on_axis:
+            for t in (-threshold, threshold):
+                ax.axvline(t, color="tab:red", lw=1, ls="--")
+            ax.text(threshold, 0.5, f" {threshold:g}", transform=ax.get_xaxis_transform(), color="tab:red", fontsize=7)
+        n_out = int(counts[~inside].sum())
+        notes = [f"units {int(h.sum())}", f"ε < 0: {int(neg.sum())}", f"ε > 0: {int(pos.sum())}",
+                 f"ε = 0: {int(h[0])}"]
+        if n_out:
+            notes.append(f"|ε| > {xlim:g}: {n_out}")
+        if h[1]:
+            notes.append(f"nan: {int(h[1])}")
+        ax.text(0.97, 0.97, "\n".join(notes), transform=ax.transAxes, va="top", ha="right", fontsize=7,
+                bbox=dict(facecolor="white", alpha=0.85, edgecolor="none"))
+        ax.set_xlim(-xlim, xlim)
+        ax.set_title(layer, fontsize=9)
+        ax.set_xlabel("ε", fontsize=8)
+        ax.set_ylabel("units", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.ticklabel_format(axis="x", style="sci", scilimits=(0, 0))
+    for ax in list(axes.flat)[len(layers):]:
+        ax.axis("off")
+    line = (f"red: ε = ±{threshold:g}" if on_axis
+            else f"the ±{threshold:g} lines lie off this ±{xlim:g} axis")
+    fig.suptitle((title or f"signed relative errors ε (seed 000 Eq. 16), {dtype}") + f"; {line}", fontsize=10)
+    _fixed_layout(fig, nrow)
     return _savefig(fig, path)
 
 
@@ -292,23 +391,27 @@ def _savefig(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
 # ---------------------------------------------------------------------------- reconstruction
 def reconstruction_table(summary: Mapping[str, Any], to_layer: str) -> str:
     """One line per reverse step of a reconstruction summary (``Reconstruction.summary()``):
-    node, step kind, MDP/CCP case, solver method, consistency, clipped units and the
-    deviation of a* from â at that node; then the ``to_layer`` line and a legend."""
-    header = (f"{'node':<22}{'step':<16}{'case':<12}{'method':<16}{'consist. max':>13}{'clipped':>9}"
-              f"{'rel dev mean':>14}{'rel dev max':>13}")
-    lines = [header]
+    node, step kind, MDP/CCP case by W's rank ("case") and by the paper's channel rule
+    ("paper"), the principle applied ("solved as"), solver method, consistency, clipped units
+    and the deviation of a* from â at that node; then the ``to_layer`` line and a legend.  The
+    first line names the mode ("linop" or "paper")."""
+    header = (f"{'node':<22}{'step':<16}{'case':<16}{'paper':<7}{'solved as':<13}{'method':<16}{'consist. max':>13}"
+              f"{'clipped':>9}{'rel dev mean':>14}{'rel dev max':>13}")
+    lines = [f"mode: {summary.get('mode', 'linop')}", header]
     nan = float("nan")
     for s in summary["steps"]:
         dv = summary["deviation"].get(s["node"], {})
         clip = str(s["n_clipped"]) if "n_clipped" in s else "-"
-        lines.append(f"{s['node']:<22}{s['kind']:<16}{s['case'] or '-'!s:<12}{s['method'] or '-'!s:<16}"
+        lines.append(f"{s['node']:<22}{s['kind']:<16}{s['case'] or '-'!s:<16}{s.get('paper_case') or '-'!s:<7}"
+                     f"{s.get('solved_as') or '-'!s:<13}{s['method'] or '-'!s:<16}"
                      f"{s['consistency_max']:>13.2e}{clip:>9}{dv.get('rel_mean', nan):>14.3e}"
                      f"{dv.get('rel_max', nan):>13.3e}")
     dv = summary["deviation"][to_layer]
-    lines.append(f"{to_layer:<22}{'(to_layer)':<16}{'':<12}{'':<16}{'':>13}{'':>9}{dv['rel_mean']:>14.3e}"
-                 f"{dv['rel_max']:>13.3e}")
-    lines.append("consist. = ||f(a*_in) - z*|| / ||z*|| per step (0 / ~1e-15: exact; CCP steps and clipped "
-                 "activations cannot be exact); rel dev = ||a* - â|| / ||â|| of the node's feature")
+    lines.append(f"{to_layer:<22}{'(to_layer)':<16}{'':<16}{'':<7}{'':<13}{'':<16}{'':>13}{'':>9}"
+                 f"{dv['rel_mean']:>14.3e}{dv['rel_max']:>13.3e}")
+    lines.append("consist. = ||f(a*_in) - z*|| / ||z*|| per step (0 / ~1e-15: exact; CCP steps, the approximate "
+                 "fft solve and clipped activations need not be exact); rel dev = ||a* - â|| / ||â|| of the "
+                 "node's feature; case: by W's rank, paper: by channels (seed 001 §3.1-3.2)")
     return "\n".join(lines)
 
 
@@ -345,16 +448,25 @@ def plot_discrepancy(rec: Any, node: str, path: str | os.PathLike, sample: int =
             ax.set_title(f"ch {c}", fontsize=7)
     fig.colorbar(im, cax=fig.add_axes((0.88, 0.15, 0.02, 0.6)))
     rel = float(rec.deviation[node]["rel"][sample])
-    fig.suptitle(f"|â − a*| at {node}\n(sample {sample}, label {int(rec.labels[sample])}, rel. dev. {rel:.3g})",
-                 fontsize=9)
+    mode = getattr(rec, "mode", "linop")
+    fig.suptitle(f"|â − a*| at {node}, {mode} mode\n(sample {sample}, label {int(rec.labels[sample])}, "
+                 f"rel. dev. {rel:.3g})", fontsize=9)
     return _savefig(fig, path)
 
 
 # ---------------------------------------------------------------------------- post-training
+MODE_TEXT = {
+    "linop": "linop — our exact variants: unchanged pooling windows keep â, W's rank decides MDP/CCP, exact solvers",
+    "paper": "paper — seed 001's method: pooling copied back in every window (§3.4(b)), the FFT solve of §3.2 for "
+             "unpadded stride-1 convs, MDP/CCP by channels",
+}
+
+
 def posttrain_markdown(rows: Sequence[Mapping[str, Any]], report_epochs: Sequence[int], baseline_acc: float,
-                       title: str = "") -> str:
+                       title: str = "", mode: str | None = None) -> str:
     """Seed 001 Tables 1–6: one row per (method, l_S, l_R), mean ± std test accuracy per
-    reported epoch; the better method per pair and epoch in bold."""
+    reported epoch; the better method per pair and epoch in bold.  ``mode`` ("linop" /
+    "paper", default: the rows' ``mode``) is stated on its own line under the title."""
     best: dict[tuple, float] = {}
     for r in rows:
         for e in report_epochs:
@@ -363,6 +475,9 @@ def posttrain_markdown(rows: Sequence[Mapping[str, Any]], report_epochs: Sequenc
     head = "| PT (l_S, l_R) | #paras | Mem (MB, est.) | " + " | ".join(f"epoch{e}" for e in report_epochs) + " |"
     sep = "|" + "---|" * (3 + len(report_epochs))
     lines = [title, ""] if title else []
+    mode = mode or next((r["mode"] for r in rows if r.get("mode")), None)
+    if mode:
+        lines += [f"Mode: {MODE_TEXT.get(mode, mode)}", ""]
     lines += [f"Baseline test accuracy: {baseline_acc:.3f}%", "", head, sep]
     for r in rows:
         cells = []
@@ -383,10 +498,11 @@ def _accuracies(records: Sequence[Mapping[str, Any]], epoch: int, method: str, p
 
 
 def plot_pairs(records: Sequence[Mapping[str, Any]], baseline_acc: float, report_epochs: Sequence[int],
-               path: str | os.PathLike, embedding: str) -> Path | None:
-    """Seed 001 Fig. 6 with the (l_S, l_R) pairs as columns: FR-PT box plots at the reported
-    epochs, the BP-PT mean at the last epoch (gray) and the baseline (black).  ``None`` (no
-    file) when there is no FR-PT run with ``embedding``."""
+               path: str | os.PathLike, embedding: str, mode: str | None = None) -> Path | None:
+    """FR-PT vs BP-PT per (l_S, l_R) pair: FR-PT box plots at the reported epochs, the BP-PT
+    mean at the last epoch (gray) and the baseline (black).  (Seed 001 Fig. 6 has this
+    layout over *training stages* of one pair; this figure is over pairs.)  ``mode`` goes in
+    the title.  ``None`` (no file) when there is no FR-PT run with ``embedding``."""
     pairs = sorted({(r["l_S"], r["l_R"]) for r in records if r["method"] == "FR" and r["embedding"] == embedding},
                    key=lambda p: (p[1], p[0]))
     if not pairs:
@@ -411,7 +527,8 @@ def plot_pairs(records: Sequence[Mapping[str, Any]], baseline_acc: float, report
     ax.set_xticklabels([f"({s},{r})" for s, r in pairs])
     ax.set_xlabel("(l_S, l_R)")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"FR-PT ({embedding.upper()}) vs BP-PT per (l_S, l_R)")
+    ax.set_title(f"FR-PT ({embedding.upper()}) vs BP-PT per (l_S, l_R): test accuracy over runs"
+                 + (f"\n({mode} mode)" if mode else ""), fontsize=9)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     return _savefig(fig, path, dpi=120)

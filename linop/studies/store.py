@@ -20,6 +20,7 @@ module, so that the three share one answer to each of these questions:
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -54,6 +55,19 @@ _MAX_DEPTH = 8
 
 
 # ============================================================================ hashing
+def _described_attrs(obj: Any) -> dict:
+    """The attributes that describe ``obj``'s content.
+
+    Memo attributes are left out: dataclass fields declared ``compare=False`` and the names
+    a class lists in ``_memo_attrs``.  They are filled lazily on first use (an operator's
+    structure, a node's local Jacobians), add no information, and would otherwise change the
+    digest of an object after its first computation."""
+    skip = set(getattr(type(obj), "_memo_attrs", ()))
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        skip |= {f.name for f in dataclasses.fields(obj) if not f.compare}
+    return {k: v for k, v in vars(obj).items() if k not in skip}
+
+
 def _update(h: Any, obj: Any, depth: int, seen: set[int]) -> None:
     """Feed a structural description of ``obj`` (tensors by value) into hash ``h``."""
     import torch
@@ -88,7 +102,7 @@ def _update(h: Any, obj: Any, depth: int, seen: set[int]) -> None:
             h.update(repr(obj).encode())
             _update(h, dict(obj.state_dict()), depth + 1, seen)
         else:
-            _update(h, vars(obj), depth + 1, seen)
+            _update(h, _described_attrs(obj), depth + 1, seen)
     # functions, modules, …: the type name above is all that is used
 
 

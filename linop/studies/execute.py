@@ -1,0 +1,293 @@
+"""Where a study's independent tasks run: in this process, or on a Dask cluster.
+
+A study (verification: one task per (image, dtype)) hands :meth:`Executor.run` a task
+function, one *shared* object (the network and the settings, identical for every task), the
+tasks, and a callback.  The executor calls ``fn(shared, *task.args)`` for every task and
+passes each result to the callback **in the driver process, as it arrives** — so the driver
+alone writes result files (atomically, :mod:`linop.studies.store`) and no shared file system
+is needed.
+
+* :class:`SerialExecutor` — in-process, in order (the default; exactly the old behaviour).
+* :class:`DaskExecutor` — ``dask.distributed`` (optional extra ``linop-cnn[distributed]``):
+
+  - ``scheduler="local"`` starts a ``LocalCluster`` of ``workers`` single-threaded worker
+    processes (``threads_per_worker=1``, ``processes=True``) and closes it afterwards;
+  - an address (``tcp://host:8786``) connects to a running scheduler (short connect timeout;
+    unreachable → :class:`ConnectionError`);
+  - a ``distributed.Client`` is used as given (and left open).
+
+  The shared object is sent once to every worker (``client.scatter(..., broadcast=True)``
+  under a key derived from its content hash); each task is submitted under its own
+  content-derived key with ``pure=True`` and ``retries``, so identical tasks are computed once;
+  a task calls ``torch.set_num_threads(1)`` (one image per single-threaded process is the
+  fastest layout measured, and makes results independent of the worker's core count).
+  A task whose worker died ``distributed.scheduler.allowed-failures`` times
+  (``KilledWorker``) ends the run with :class:`WorkerLost` naming it — after every other
+  task's result was handed to the callback, so nothing finished is lost.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "CONNECT_TIMEOUT",
+    "INSTALL_HINT",
+    "DaskExecutor",
+    "Executor",
+    "SerialExecutor",
+    "Task",
+    "WorkerLost",
+    "make_executor",
+    "run_tasks",
+]
+
+INSTALL_HINT = "distributed execution needs Dask: install linop-cnn[distributed] (pip install dask distributed)"
+
+#: seconds to wait for a scheduler at an address before giving up
+CONNECT_TIMEOUT = 5.0
+
+
+class WorkerLost(RuntimeError):
+    """A task's worker died repeatedly (Dask's ``KilledWorker``); results that finished are kept."""
+
+
+@dataclass(frozen=True)
+class Task:
+    """One unit of work: ``key`` (content-derived, unique per distinct computation),
+    ``label`` (how errors name it, e.g. ``"image 17 (float32)"``) and ``args`` passed to the
+    task function after the shared object."""
+
+    key: str
+    label: str
+    args: tuple = field(default_factory=tuple)
+
+
+def _in_worker(fn: Callable, shared: Any, *args: Any) -> Any:
+    """Run one task single-threaded (the worker side of :class:`DaskExecutor`)."""
+    import torch
+
+    torch.set_num_threads(1)
+    return fn(shared, *args)
+
+
+class Executor:
+    """Runs tasks and hands each result to ``on_result(task, result)`` in the caller's process."""
+
+    name = "executor"
+
+    def run(self, fn: Callable[..., Any], shared: Any, shared_key: str, tasks: Sequence[Task],
+            on_result: Callable[[Task, Any], None], progress: bool = False, desc: str = "tasks") -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release what the executor started (a local cluster)."""
+
+    def __enter__(self) -> Executor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @staticmethod
+    def _bar(n: int, progress: bool, desc: str):
+        from tqdm.auto import tqdm
+
+        return tqdm(total=n, desc=desc, unit="task", disable=not progress, file=sys.stderr)
+
+
+class SerialExecutor(Executor):
+    """Every task in this process, in order (torch's thread setting left as it is)."""
+
+    name = "serial"
+
+    def run(self, fn, shared, shared_key, tasks, on_result, progress=False, desc="tasks"):
+        with self._bar(len(tasks), progress, desc) as bar:
+            for t in tasks:
+                on_result(t, fn(shared, *t.args))
+                bar.update(1)
+
+    def describe(self) -> str:
+        return "serial (in-process)"
+
+
+class DaskExecutor(Executor):
+    """Tasks on a Dask cluster (see the module docstring); results gathered as they complete."""
+
+    name = "dask"
+
+    def __init__(self, client: Any, cluster: Any = None, retries: int = 2):
+        self.client, self.cluster, self.retries = client, cluster, int(retries)
+        self.n_local = 0  # > 0: a LocalCluster of that many workers, started on first use
+        self._owns_client = False  # a client we connected (closed by close()), not a user's
+        self._address: str | None = None
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def local(cls, workers: int, retries: int = 2) -> DaskExecutor:
+        """A ``LocalCluster`` of ``workers`` single-threaded worker processes, started when
+        the first task is submitted (a rerun with nothing missing starts none)."""
+        ex = cls(None, None, retries)
+        ex.n_local = int(workers)
+        return ex
+
+    def _start_local(self) -> None:
+        from distributed import Client, LocalCluster
+
+        cluster = LocalCluster(n_workers=self.n_local, threads_per_worker=1, processes=True,
+                               dashboard_address=":0", silence_logs=40)
+        try:
+            self.client = Client(cluster, set_as_default=False)
+        except BaseException:
+            cluster.close()
+            raise
+        self.cluster = cluster
+
+    @classmethod
+    def connect(cls, address: str, retries: int = 2, timeout: float | None = None) -> DaskExecutor:
+        """A client of the running scheduler at ``address``; :class:`ConnectionError` when none
+        answers within ``timeout`` seconds."""
+        from distributed import Client
+
+        timeout = CONNECT_TIMEOUT if timeout is None else float(timeout)
+        try:
+            client = Client(address, timeout=timeout, set_as_default=False)
+        except (OSError, TimeoutError) as exc:
+            raise ConnectionError(f"scheduler {address!r}: no Dask scheduler reachable there within "
+                                  f"{timeout:g} s ({type(exc).__name__}); start one (dask scheduler) or "
+                                  "use scheduler='local'") from None
+        ex = cls(client, None, retries)
+        ex._owns_client = True
+        return ex
+
+    def describe(self) -> str:
+        """Where the tasks run (valid after :meth:`close` too)."""
+        if self.n_local:
+            return f"dask (LocalCluster, {self.n_local} single-threaded worker process(es))"
+        if self._address is None and self.client is not None:
+            self._address = str(getattr(self.client.scheduler, "address", "?"))
+        return f"dask (scheduler {self._address})"
+
+    def close(self) -> None:
+        self.describe()  # remember the address before the client goes
+        if self.cluster is not None:  # only what we started; a user's client stays open
+            self.client.close()
+            self.cluster.close()
+            self.client = self.cluster = None
+        elif self.client is not None and self.n_local == 0 and self._owns_client:
+            self.client.close()
+            self.client = None
+
+    # ------------------------------------------------------------------ running
+    def run(self, fn, shared, shared_key, tasks, on_result, progress=False, desc="tasks"):
+        from asyncio import CancelledError as AsyncCancelled
+        from concurrent.futures import CancelledError as FuturesCancelled
+
+        from distributed import as_completed
+        from distributed.scheduler import KilledWorker
+
+        if not tasks:
+            return
+        if self.client is None and self.n_local:
+            self._start_local()
+        client = self.client
+        shared_f = client.scatter({shared_key: shared}, broadcast=True, hash=False)[shared_key]
+        futures = {client.submit(_in_worker, fn, shared_f, *t.args, key=t.key, pure=True, retries=self.retries): t
+                   for t in tasks}
+        lost: list[str] = []
+        try:
+            with self._bar(len(tasks), progress, desc) as bar:
+                for fut in as_completed(list(futures), loop=client.loop):
+                    t = futures[fut]
+                    try:
+                        res = fut.result()
+                    except (KilledWorker, FuturesCancelled, AsyncCancelled):
+                        # the worker died allowed-failures times, or the scheduler gave the
+                        # task up with it (e.g. its input lost with the worker)
+                        lost.append(t.label)
+                        bar.update(1)
+                        continue
+                    on_result(t, res)
+                    fut.release()
+                    bar.update(1)
+        finally:
+            for fut in futures:  # nothing left running for a driver that gave up
+                if not fut.done():
+                    fut.cancel()
+            shared_f.release()
+        if lost:
+            lost.sort()
+            names = ", ".join(lost[:5]) + (f" and {len(lost) - 5} more" if len(lost) > 5 else "")
+            raise WorkerLost(f"{names}: the worker running {'it' if len(lost) == 1 else 'them'} died repeatedly "
+                             "(Dask KilledWorker); every other result is kept — check the workers' memory limit "
+                             "and rerun to resume")
+
+
+def _is_client(obj: Any) -> bool:
+    return type(obj).__name__ == "Client" and type(obj).__module__.startswith("distributed")
+
+
+def make_executor(executor: Any = None, workers: int | None = None, retries: int = 2,
+                  connect_timeout: float | None = None) -> Executor:
+    """The executor of a study's ``executor=`` / ``workers=`` options.
+
+    Parameters
+    ----------
+    executor : None or ``"serial"`` (in-process), ``"local"`` (a new LocalCluster),
+        a scheduler address (``"tcp://host:8786"``, ``"host:8786"``), a
+        ``distributed.Client`` or an :class:`Executor`.
+    workers : worker processes of ``"local"`` (default: the number of CPU cores); not
+        allowed with the other choices (the cluster's size is its own).
+
+    Raises
+    ------
+    ValueError : a bad choice or worker count.
+    ImportError : Dask requested but not installed (the message says how to install it).
+    ConnectionError : an address where no scheduler answers within ``connect_timeout``.
+    """
+    import os
+
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise ValueError(f"workers must be a positive integer, got {workers!r}")
+    if isinstance(executor, Executor):
+        return executor
+    if executor is None or executor == "serial":
+        if workers not in (None, 1):
+            raise ValueError(f"workers={workers} needs executor='local' (serial runs one task at a time)")
+        return SerialExecutor()
+    if _is_client(executor):
+        if workers is not None:
+            raise ValueError("workers applies to executor='local' only; a given Client has its own workers")
+        return DaskExecutor(executor, None, retries)
+    if not isinstance(executor, str) or not executor.strip():
+        raise ValueError(f"executor must be None, 'serial', 'local', a scheduler address or a "
+                         f"distributed.Client, got {executor!r}")
+    if executor != "local" and ":" not in executor:
+        raise ValueError(f"executor / --scheduler {executor!r}: give 'local' or a scheduler address "
+                         "such as tcp://host:8786")
+    try:
+        import distributed  # noqa: F401
+    except ImportError:
+        raise ImportError(INSTALL_HINT) from None
+    if executor == "local":
+        return DaskExecutor.local(workers or os.cpu_count() or 1, retries)
+    if workers is not None:
+        raise ValueError("workers applies to executor='local' only; a running scheduler has its own workers")
+    return DaskExecutor.connect(executor, retries, CONNECT_TIMEOUT if connect_timeout is None else connect_timeout)
+
+
+def run_tasks(fn: Callable[..., Any], shared: Any, shared_key: str, tasks: Iterable[Task],
+              on_result: Callable[[Task, Any], None], executor: Any = None, workers: int | None = None,
+              progress: bool = False, desc: str = "tasks") -> float:
+    """:func:`make_executor`, run, close what was started; returns the wall time in seconds."""
+    t0 = time.perf_counter()
+    ex = make_executor(executor, workers)
+    try:
+        ex.run(fn, shared, shared_key, list(tasks), on_result, progress, desc)
+    finally:
+        if ex is not executor:
+            ex.close()
+    return time.perf_counter() - t0
