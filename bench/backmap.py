@@ -59,6 +59,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from bench._device import check_device, clock
+
 METHODS = ("linop", "identity", "jacfwd", "jacrev")
 #: extra, not a baseline: the compressed Jacobians + ĉ only (what reconstructed_activations does)
 EXTRA = ("linop_sweep",)
@@ -109,25 +111,6 @@ def _maxrss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
-def _clock(device: torch.device) -> float:
-    """``time.perf_counter()`` after the device's queued work has finished (CUDA is asynchronous)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
-
-def check_device(value: str, prog: str) -> torch.device | None:
-    """``--device`` validated by :func:`linop.validate.device`; ``None`` after printing one line
-    ``prog: error: ...`` on stderr (the caller exits 2)."""
-    from linop import validate
-
-    try:
-        return validate.device(value, "--device")
-    except ValueError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return None
-
-
 def _check(HI, Hb, x, x_b, c, unit_major: bool) -> float:
     """max_u |<[x;x_b], H_u> - c_u| / max|c| (outside the timed region)."""
     if unit_major:
@@ -165,7 +148,7 @@ def run_method(method: str, model: str, dtype_name: str, max_seconds: float, jac
     if method in ("linop", "linop_sweep"):
         t = time.perf_counter()
         linearise(net, x).geometry()  # x-independent structure (cached per network)
-        setup = _clock(dev) - t
+        setup = clock(dev) - t
     res["setup_s"] = setup
     rss0 = _maxrss_mib()
     if dev.type == "cuda":
@@ -175,46 +158,46 @@ def run_method(method: str, model: str, dtype_name: str, max_seconds: float, jac
     t_all = time.perf_counter()
     if method == "linop":
         lin = linearise(net, x, memory_budget="8GiB")
-        t = _clock(dev)
+        t = clock(dev)
         for LJ in lin.sweep():
             HI, Hb = LJ.image(out=bufI), LJ.bias(out=bufB)
-            el = _clock(dev) - t
+            el = clock(dev) - t
             res["layers"][LJ.name] = {"time_s": el, "rel_err": _check(HI, Hb, x, x_b, pre[LJ.name], True)}
             del HI, Hb
-            t = _clock(dev)
+            t = clock(dev)
     elif method == "linop_sweep":
         lin = linearise(net, x, memory_budget="8GiB")
-        t = _clock(dev)
+        t = clock(dev)
         for LJ in lin.sweep():
             ch = LJ.dot(x, x_b)
-            el = _clock(dev) - t
+            el = clock(dev) - t
             c = pre[LJ.name]
             res["layers"][LJ.name] = {"time_s": el, "rel_err": float(((ch - c).abs().max() / c.abs().max()).item())}
-            t = _clock(dev)
+            t = clock(dev)
     elif method == "identity":
         # the paper's identity batch is the sweep's "identity" schedule: P = (H, W) at every node
         lin = linearise(net, x, memory_budget="64GiB")
-        t = _clock(dev)
+        t = clock(dev)
         for LJ in lin.sweep(schedule="identity"):
             HI, Hb = LJ.image(out=bufI), LJ.bias(out=bufB)  # dense regime: one transposed copy
-            el = _clock(dev) - t
+            el = clock(dev) - t
             res["layers"][LJ.name] = {"time_s": el, "rel_err": _check(HI, Hb, x, x_b, pre[LJ.name], True)}
             del HI, Hb
             if time.perf_counter() - t_all > max_seconds:
                 res["complete"] = False
                 break
-            t = _clock(dev)
+            t = clock(dev)
     else:
         from torch.func import jacfwd, jacrev
 
         for layer in layers:
             f = net.extended_function(net.unit_node(layer).name)
-            t = _clock(dev)
+            t = clock(dev)
             if method == "jacfwd":
                 HI, Hb = jacfwd(f, argnums=(0, 1))(x, x_b)
             else:
                 HI, Hb = jacrev(f, argnums=(0, 1), chunk_size=jacrev_chunk)(x, x_b)
-            el = _clock(dev) - t
+            el = clock(dev) - t
             res["layers"][layer] = {"time_s": el, "rel_err": _check(HI, Hb, x, x_b, pre[layer], True)}
             del HI, Hb
             if time.perf_counter() - t_all > max_seconds:

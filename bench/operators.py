@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from bench.reconstruct import check_device, clock
+from bench._device import check_device, clock
 from linop.operators import Conv2d
 
 

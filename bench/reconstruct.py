@@ -44,27 +44,9 @@ import time
 import numpy as np
 import torch
 
+from bench._device import check_device, clock
 from linop.operators import Conv2d
 from linop.solvers import CapacitanceSolver, FFTConvSolver, dense_bytes, solve
-
-
-def check_device(value: str, prog: str) -> torch.device | None:
-    """``--device`` validated by :func:`linop.validate.device`; ``None`` after printing one line
-    ``prog: error: ...`` on stderr (the caller exits 2)."""
-    from linop import validate
-
-    try:
-        return validate.device(value, "--device")
-    except ValueError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return None
-
-
-def clock(device: torch.device) -> float:
-    """``time.perf_counter()`` once the device's queued work is done (CUDA runs asynchronously)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
 
 
 def make_layer(cin: int, cout: int, size: int, batch: int, seed: int, device: torch.device | str = "cpu"):

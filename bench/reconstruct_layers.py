@@ -37,7 +37,7 @@ import os
 import numpy as np
 import torch
 
-from bench.reconstruct import check_device, clock
+from bench._device import check_device, clock
 from linop.operators import Conv2d
 from linop.solvers import FFTConvSolver, auto_method, solve
 from linop.solvers.fft_padded import ExactConvSolver

@@ -35,7 +35,7 @@ import numpy as np
 import scipy.linalg
 import torch
 
-from bench.reconstruct import check_device, clock
+from bench._device import check_device, clock
 from linop.operators.conv import Conv2d
 from linop.solvers.fft import FFTConvSolver
 from linop.solvers.fft_padded import PaddedConvSolver

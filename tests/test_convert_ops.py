@@ -42,13 +42,7 @@ RTOL = 1e-12  # see module docstring
 JAC_BLOCK = 1024  # columns of [x; x_b] per jacfwd call / rows per jacrev chunk (bounds memory)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add synchronisation on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _unit_rows(net, x, samples: dict[str, np.ndarray]) -> torch.Tensor:

@@ -16,7 +16,6 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from test_verify_compact import _payload, _same_npz  # noqa: F401  (one bit-for-bit npz comparison)

@@ -37,13 +37,7 @@ ENTRY_RTOL = 1e-14
 TINY = 1e-300  # keeps the bound positive where |A||x| is exactly 0 (both sides are then exactly 0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny shapes: a second intra-op thread only adds synchronisation on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _close(actual, expected, scale, what):

@@ -12,12 +12,14 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
-from test_operators_linear_ops import _one_thread, check_forms  # noqa: F401  (autouse fixture)
+from test_operators_linear_ops import check_forms
 
 from linop.operators.base import dottest
 from linop.operators.layers1d import MaxPool1d, UnitAxis
 from linop.operators.pool import MaxPool2d
 from linop.operators.resample import AdaptiveWindows, Upsample2d, cubic_weights
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ============================================================================ bicubic

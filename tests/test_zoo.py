@@ -23,10 +23,12 @@ import os
 
 import pytest
 import torch
-from test_convert_ops import _one_thread, verify  # noqa: F401  (_one_thread: the autouse fixture)
+from test_convert_ops import verify
 from torch import nn
 
 from models.zoo import ZOO, randomise
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 FULL = os.environ.get("LINOP_ZOO_FULL", "") == "1"
 WIDTH = 0.25 if FULL else 0.125

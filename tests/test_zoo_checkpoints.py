@@ -24,12 +24,7 @@ from models.zoo.__main__ import main as zoo_main
 FULL = os.environ.get("LINOP_ZOO_FULL", "") == "1"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_zoo_is_registered_for_build_model():

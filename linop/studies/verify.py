@@ -264,11 +264,6 @@ def _check_options(scale: Any, threshold: Any, memory_budget: Any, dtypes: Any) 
     return dts
 
 
-def _check_device(device: Any) -> torch.device:
-    """The study's compute device (:func:`linop.validate.device`)."""
-    return validate.device(device)
-
-
 def _check_indices(indices: Any, n: int) -> list[int]:
     """The absolute image numbers of a batch of ``n`` images: distinct integers ≥ 0."""
     if indices is None:
@@ -573,7 +568,7 @@ def verify(
     """
     t_start = time.perf_counter()
     dts = _check_options(scale, threshold, memory_budget, dtypes)
-    dev = _check_device(device)
+    dev = validate.device(device)
     if not isinstance(keep_eps, (bool, np.bool_)):
         raise TypeError(f"keep_eps must be True or False, got {keep_eps!r}")
     pre_shape = tuple(images.shape[1:]) if isinstance(images, (torch.Tensor, np.ndarray)) and np.ndim(images) >= 2 else None

@@ -206,10 +206,14 @@ class _Runner:
                 alpha=s["alpha"], rec=rec)
         return self.memory[mkey]
 
+    def rec_for(self, emb: str) -> str:
+        """The reconstruction loss of an FR-PT run with embedding ``emb``."""
+        return self.rec_loss if self.rec_loss != "auto" else rec_loss_for_embedding(emb)
+
     def run(self, key: str, task: tuple, config_hash: str) -> dict:
         """One FR-PT / BP-PT run as a results record."""
         l_S, l_R, method, emb, k = task
-        rec = self.rec_loss if self.rec_loss != "auto" else rec_loss_for_embedding(emb)
+        rec = self.rec_for(emb)
         a_star = self.targets(l_R, emb) if method == "FR" else None
         mem = self.mem(l_S, l_R, method, emb, a_star, rec)
         d = self.data
@@ -242,6 +246,20 @@ def _prepare(model: nn.Module, data: Mapping[str, torch.Tensor],
     return base, d
 
 
+def _label(task: tuple) -> str:
+    l_S, l_R, method, emb, k = task
+    return f"{method}({l_S},{l_R}) {emb if method == 'FR' else ''} run {k}"
+
+
+def _keep(record: dict, done: dict, res_path: Path, on_run_end: Callable[[dict], None] | None) -> None:
+    """Append a finished run's record at once (unique: a concurrent run on the same out_dir
+    that finished this key first wins) and report it."""
+    store.append_jsonl(res_path, record, unique=("key", "config_hash"))
+    done[record["key"]] = record
+    if on_run_end is not None:
+        on_run_end(record)
+
+
 def _execute(runner: _Runner, uniq: list, done: dict, res_path: Path, config_hash: str,
              on_run_end: Callable[[dict], None] | None) -> None:
     """Run every task not in ``done``; append each record as soon as it is finished."""
@@ -253,16 +271,11 @@ def _execute(runner: _Runner, uniq: list, done: dict, res_path: Path, config_has
         bar = tqdm(total=len(uniq), initial=len(uniq) - len(pending), desc="post-training runs", unit="run")
     for key, task in pending:
         if bar is not None:
-            l_S, l_R, method, emb, k = task
-            bar.set_postfix_str(f"{method}({l_S},{l_R}) {emb if method == 'FR' else ''} run {k}")
+            bar.set_postfix_str(_label(task))
         record = runner.run(key, task, config_hash)
-        # unique: a concurrent run on the same out_dir that finished this key first wins
-        store.append_jsonl(res_path, record, unique=("key", "config_hash"))
-        done[key] = record
         if bar is not None:
             bar.update(1)
-        if on_run_end is not None:
-            on_run_end(record)
+        _keep(record, done, res_path, on_run_end)
     if bar is not None:
         bar.close()
 
@@ -295,18 +308,13 @@ def _execute_distributed(runner: _Runner, uniq: list, done: dict, res_path: Path
         return
     for _, (l_S, l_R, method, emb, _k) in pending:
         a_star = runner.targets(l_R, emb) if method == "FR" else None
-        rec = runner.rec_loss if runner.rec_loss != "auto" else rec_loss_for_embedding(emb)
-        runner.mem(l_S, l_R, method, emb, a_star, rec)
+        runner.mem(l_S, l_R, method, emb, a_star, runner.rec_for(emb))
     shipped = _Runner(**{**runner.__dict__, "progress": False, "reconstructor": None})
-    tasks = [Task(key=f"linop-posttrain-{config_hash}-{key}",
-                  label=f"{t[2]}-PT ({t[0]},{t[1]}) {t[3] if t[2] == 'FR' else ''} run {t[4]}",
-                  args=(key, t, config_hash)) for key, t in pending]
+    tasks = [Task(key=f"linop-posttrain-{config_hash}-{key}", label=_label(t), args=(key, t, config_hash))
+             for key, t in pending]
 
     def on_result(task: Task, record: dict) -> None:
-        store.append_jsonl(res_path, record, unique=("key", "config_hash"))
-        done[record["key"]] = record
-        if on_run_end is not None:
-            on_run_end(record)
+        _keep(record, done, res_path, on_run_end)
 
     run_tasks(_run_task, {"runner": shipped, "deterministic": deterministic},
               f"linop-posttrain-runner-{config_hash}-{store.content_hash(shipped.a_star)[:16]}", tasks, on_result,
