@@ -13,7 +13,7 @@ from torch import nn
 from linop.hypersurface import BackMap, backmap, reconstructed_activations
 from linop.convert import from_torch
 
-from test_jacobian import _perturb_bn, extended_fn
+from kit_nets import perturb_bn
 
 REL = 1e-12
 
@@ -29,7 +29,7 @@ def net():
     from models.vgg7 import vgg7
 
     torch.manual_seed(0)
-    return from_torch(_perturb_bn(vgg7(), 0), (3, 12, 12), torch.float64)
+    return from_torch(perturb_bn(vgg7(), 0), (3, 12, 12), torch.float64)
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +102,7 @@ def test_rm0_fc_rows_gradient_and_bias_gap(net, x):
     assert rm0.image.shape == (10, 3, 12, 12)
     close(rm0.image, rm2.image)
     close(rm0.bias, rm2.bias)
-    f = extended_fn(net, net.unit_node("FC").name)
+    f = net.extended_function(net.unit_node("FC").name)
     grad = torch.autograd.functional.jacobian(lambda xx: f(xx, net.x_b), x)  # (10, C, H, W)
     close(rm0.image, grad, 1e-10)
     c = f(x, net.x_b)

@@ -2,7 +2,7 @@
 upsampling incl. bicubic, 1-D max pooling, conv-transpose, spatial padding, padded convs, channel shuffle; ReLU6 / Hardtanh / Hardsigmoid /
 clamp / maximum / minimum, whose breakpoints are slices of ``x_b``) and the honest refusals.
 
-Each op is checked inside a small piecewise-linear model, float64, three ways (:func:`verify`):
+Each op is checked inside a small piecewise-linear model, float64, three ways (:func:`kit_forms.check_network`):
 
 1. forward == torch: norm-wise relative error <= 1e-12.  The network applies the same maps
    through different roundings (BN folded into weights, biases from ``x_b``, sparse taps), a
@@ -24,109 +24,20 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import jacfwd, jacrev
 
 from linop.convert import ConversionError, from_torch
 from linop.convert.errors import NOT_PIECEWISE_LINEAR, UNSUPPORTED
-from linop.hypersurface import reconstructed_activations
-from linop.linearize import linearise
 from linop.network import BiasNode, LinearNode
 from models.zoo import randomise  # noqa: F401  (He init, random BN statistics, eval, float64)
 
-RTOL = 1e-12  # see module docstring
-JAC_BLOCK = 1024  # columns of [x; x_b] per jacfwd call / rows per jacrev chunk (bounds memory)
+from kit_forms import RTOL, check_network  # see module docstring
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _unit_rows(net, x, samples: dict[str, np.ndarray]) -> torch.Tensor:
-    """Autodiff rows ``[∂c_u/∂x, ∂c_u/∂x_b]`` of the sampled units of all layers, in one pass:
-    ``torch.func.jacrev`` (one forward, a batched backward per sampled row) when there are
-    fewer rows than columns of ``[x; x_b]`` — the deep zoo models — else ``jacfwd`` over
-    blocks of columns.  Either is torch's autodiff of the network's own node functions,
-    independent of the linearisation whose H rows it checks."""
-    nodes = {net.unit_node(l).name: (l, torch.as_tensor(u)) for l, u in samples.items()}
-
-    def f(xi, xb):
-        vals, out = {}, []
-        for n in net.nodes:
-            vals[n.name] = n.forward([vals[j] for j in n.inputs] if n.inputs else [xi.unsqueeze(0)], xb)
-            if n.name in nodes:
-                out.append(vals[n.name][0].reshape(-1)[nodes[n.name][1]])
-        return torch.cat(out)
-
-    nx, xb = x.numel(), net.x_b
-    n = nx + xb.numel()
-    if sum(len(u) for u in samples.values()) < n:
-        def whole(z):
-            return f(x + z[:nx].reshape(x.shape), xb + z[nx:])
-
-        return jacrev(whole, chunk_size=JAC_BLOCK)(x.new_zeros(n))
-    # jacfwd over blocks of the columns of [x; x_b] (jacfwd has no chunk_size; one block
-    # of every column would hold n_columns copies of every activation at once)
-    cols = []
-    for a in range(0, n, JAC_BLOCK):
-        b = min(n, a + JAC_BLOCK)
-
-        def g(t, a=a, b=b):
-            z = torch.cat([t.new_zeros(a), t, t.new_zeros(n - b)])
-            return f(x + z[:nx].reshape(x.shape), xb + z[nx:])
-
-        cols.append(jacfwd(g)(x.new_zeros(b - a)))
-    return torch.cat(cols, dim=1)
-
-
-def verify(model: nn.Module, shape: tuple[int, ...], n_units: int | None = 6, seed: int = 0,
-           every_unit: bool = True, inputs: torch.Tensor | None = None):
-    """The three checks of the module docstring; returns the network.
-
-    ``n_units``: units per layer whose H rows are compared with jacfwd (None: every unit).
-    ``every_unit``: check ``<[x; x_b], H> = c`` on every unit (else the sampled ones).
-    ``inputs``: the batch to check (default: two standard normal samples); checks 2 and 3
-    use its first sample."""
-    net = from_torch(model, shape)
-    g = torch.Generator().manual_seed(seed)
-    xb = torch.randn((2,) + tuple(shape), generator=g, dtype=torch.float64) if inputs is None \
-        else inputs.to(torch.float64)
-    with torch.no_grad():
-        want = model(xb)
-    got = net.forward(xb)
-    err = float((got - want).norm() / want.norm())
-    assert err <= RTOL, f"forward: relative error {err:.3e}"
-    x = xb[0]
-    lin = linearise(net, x)
-    rng = np.random.default_rng(seed)
-    samples = {}
-    for layer in net.unit_layers:
-        U = int(np.prod(net.unit_node(layer).out_shape))
-        k = U if n_units is None else min(U, n_units)
-        samples[layer] = np.sort(rng.choice(U, size=k, replace=False))
-    if every_unit:
-        for layer, (c, c_hat) in reconstructed_activations(net, x, linearisation=lin).items():
-            e = float((c - c_hat).abs().max() / c.abs().max())
-            assert e <= RTOL, f"{layer}: <[x; x_b], H> != c (max rel {e:.3e})"
-    ref = _unit_rows(net, x, samples)
-    rows, z = [], lin.extended_input()
-    for layer, u in samples.items():
-        J = lin.operator(layer)
-        E = torch.zeros((u.size, J.shape[0]), dtype=torch.float64)
-        E[torch.arange(u.size), torch.as_tensor(u)] = 1.0
-        H = J.apply_adjoint(E.reshape((u.size,) + tuple(J.out_shape))).reshape(u.size, -1)
-        rows.append(H)
-        if not every_unit:
-            c = lin.preactivations()[layer].reshape(-1)[torch.as_tensor(u)]
-            assert (H @ z.reshape(-1) - c).abs().max() <= RTOL * c.abs().max().clamp_min(1e-300)
-    H = torch.cat(rows)
-    scale = ref.abs().amax(dim=1, keepdim=True).clamp_min(1e-300)
-    e = float(((H - ref).abs() / scale).max())
-    assert e <= RTOL, f"H rows vs jacfwd rows: max relative row error {e:.3e}"
-    return net
 
 
 def ops(net) -> list[str]:
@@ -160,14 +71,14 @@ def seq(op=None, shape=(3, 6, 6), fn=None, **kw) -> nn.Module:
 @pytest.mark.parametrize("hw, osz", [((6, 6), (4, 4)), ((5, 7), (3, 2)), ((3, 3), (7, 7)),
                                      ((1, 1), (7, 7)), ((6, 6), (None, 4))])
 def test_adaptive_avg_pool_uneven(hw, osz):
-    net = verify(seq(nn.AdaptiveAvgPool2d(osz), (3,) + hw), (3,) + hw)
+    net = check_network(seq(nn.AdaptiveAvgPool2d(osz), (3,) + hw), (3,) + hw)
     assert "AdaptiveAvgPool2d" in ops(net)
 
 
 def test_adaptive_avg_pool_even_keeps_ordinary_pools():
-    assert "AvgPool2d" in ops(verify(seq(nn.AdaptiveAvgPool2d(3)), (3, 6, 6)))
+    assert "AvgPool2d" in ops(check_network(seq(nn.AdaptiveAvgPool2d(3)), (3, 6, 6)))
     assert "GlobalAvgPool2d" in ops(from_torch(seq(nn.AdaptiveAvgPool2d(1)), (3, 6, 6)))
-    net = verify(seq(fn=lambda x: F.adaptive_avg_pool2d(x, (4, 5))), (3, 6, 6))
+    net = check_network(seq(fn=lambda x: F.adaptive_avg_pool2d(x, (4, 5))), (3, 6, 6))
     assert "AdaptiveAvgPool2d" in ops(net)
 
 
@@ -178,15 +89,15 @@ def test_adaptive_avg_pool_even_keeps_ordinary_pools():
     {"size": (8, 11), "mode": "bilinear", "align_corners": False}, {"size": (3, 4), "mode": "area"},
 ])
 def test_upsample_module_and_interpolate(kw):
-    net = verify(seq(nn.Upsample(**kw), (3, 5, 6)), (3, 5, 6))
+    net = check_network(seq(nn.Upsample(**kw), (3, 5, 6)), (3, 5, 6))
     assert "Upsample2d" in ops(net)
-    verify(seq(fn=lambda x: F.interpolate(x, **kw), shape=(3, 5, 6)), (3, 5, 6), n_units=3,
+    check_network(seq(fn=lambda x: F.interpolate(x, **kw), shape=(3, 5, 6)), (3, 5, 6), n_units=3,
            every_unit=False)
 
 
 def test_upsample_aliases():
-    verify(seq(nn.UpsamplingBilinear2d(scale_factor=2), (3, 4, 4)), (3, 4, 4))
-    verify(seq(nn.UpsamplingNearest2d(size=(7, 9)), (3, 4, 4)), (3, 4, 4))
+    check_network(seq(nn.UpsamplingBilinear2d(scale_factor=2), (3, 4, 4)), (3, 4, 4))
+    check_network(seq(nn.UpsamplingNearest2d(size=(7, 9)), (3, 4, 4)), (3, 4, 4))
 
 
 @pytest.mark.parametrize("kw", [
@@ -196,7 +107,7 @@ def test_upsample_aliases():
 ])
 def test_interpolate_antialias(kw):
     """antialias=True: torch's normalised, scale-widened filter taps (Upsample2d)."""
-    net = verify(seq(fn=lambda x: F.interpolate(x, **kw), shape=(3, 9, 7)), (3, 9, 7), n_units=None)
+    net = check_network(seq(fn=lambda x: F.interpolate(x, **kw), shape=(3, 9, 7)), (3, 9, 7), n_units=None)
     assert "Upsample2d" in ops(net)
 
 
@@ -227,7 +138,7 @@ class Decoder(nn.Module):
 ])
 @pytest.mark.parametrize("bn", [False, True])
 def test_conv_transpose_is_a_unit_layer(kw, bn):
-    net = verify(randomise(Decoder(bn, **kw)), (3, 7, 7), n_units=None)
+    net = check_network(randomise(Decoder(bn, **kw)), (3, 7, 7), n_units=None)
     assert net.unit_layers == ["Conv0", "Conv1", "Conv2"]
     assert type(net.unit_node("Conv1").op).__name__ == "ConvTranspose2d"
     has_bias = bn or kw.get("bias", True)
@@ -242,7 +153,7 @@ def test_conv_transpose_is_a_unit_layer(kw, bn):
     nn.CircularPad2d((1, 0, 2, 3)), nn.ConstantPad2d((1, 1, 2, 0), 0.7),
 ])
 def test_pad_modules(mod):
-    net = verify(seq(mod, (3, 5, 6)), (3, 5, 6), n_units=None)
+    net = check_network(seq(mod, (3, 5, 6)), (3, 5, 6), n_units=None)
     assert "Pad2d" in ops(net)
     if isinstance(mod, nn.ConstantPad2d) and mod.value:
         assert any(n.bias_name == "op.value" for n in net.nodes if isinstance(n, BiasNode))
@@ -255,7 +166,7 @@ def test_pad_modules(mod):
 ])
 def test_functional_pad(pad, kw):
     c = 4 + (pad[4] + pad[5] if len(pad) == 6 else 0)
-    verify(seq(fn=lambda x: F.pad(x, pad, **kw), shape=(3, 5, 6), c_op_out=c), (3, 5, 6),
+    check_network(seq(fn=lambda x: F.pad(x, pad, **kw), shape=(3, 5, 6), c_op_out=c), (3, 5, 6),
            n_units=None)
 
 
@@ -264,7 +175,7 @@ def test_conv_padding_modes(mode):
     m = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, padding_mode=mode), nn.BatchNorm2d(4),
                       nn.ReLU(), nn.Conv2d(4, 3, (3, 2), padding="same", padding_mode=mode),
                       nn.ReLU(), nn.Conv2d(3, 2, 3, stride=2, padding=(2, 1), padding_mode=mode))
-    net = verify(randomise(m), (3, 6, 7), n_units=None)
+    net = check_network(randomise(m), (3, 6, 7), n_units=None)
     assert net.unit_layers == ["Conv0", "Conv1", "Conv2"]  # the pads are not unit layers
     assert ops(net).count("Pad2d") == 3
     assert all(net.unit_node(l).op.padding == (0, 0, 0, 0) if len(net.unit_node(l).op.padding) == 4
@@ -274,7 +185,7 @@ def test_conv_padding_modes(mode):
 # ---------------------------------------------------------------------------- shuffle, identity
 @pytest.mark.parametrize("fn", [nn.ChannelShuffle(2), lambda x: torch.channel_shuffle(x, 4)])
 def test_channel_shuffle(fn):
-    net = verify(seq(fn if isinstance(fn, nn.Module) else None, (3, 4, 4), fn=fn, c_mid=8),
+    net = check_network(seq(fn if isinstance(fn, nn.Module) else None, (3, 4, 4), fn=fn, c_mid=8),
                  (3, 4, 4))
     assert "ChannelShuffle" in ops(net)
 
@@ -294,13 +205,13 @@ class Head(nn.Module):
 
 
 def test_identity_dropout_and_bn1d_after_linear():
-    net = verify(randomise(Head()), (2, 4, 4), n_units=None)
+    net = check_network(randomise(Head()), (2, 4, 4), n_units=None)
     assert net.unit_layers == ["Conv0", "FC0", "FC1"]
     assert ops(net).count("Scale") == 0  # BatchNorm1d folded into FC0 (Eq. 7)
 
 
 def test_clamp_min_zero_is_relu():
-    net = verify(seq(fn=lambda x: x.clamp(min=0) - 0.2, shape=(3, 4, 4)), (3, 4, 4))
+    net = check_network(seq(fn=lambda x: x.clamp(min=0) - 0.2, shape=(3, 4, 4)), (3, 4, 4))
     assert not any("breakpoint" in k for k in net.bias_slices)  # a zero bound is no bias
 
 
@@ -384,7 +295,7 @@ def test_breakpoint_forms_are_exact(form):
     """Forward, ``<[x; x_b], H> = c`` on every unit and H == jacfwd rows with units exactly at,
     and 1e-3 either side of, every breakpoint; each constant bound is a slice of ``x_b``."""
     op, fn, want = BREAKPOINT_FORMS[form]
-    net = verify(randomise(Twice(op, fn)), (3, 6, 6), inputs=kink_inputs())
+    net = check_network(randomise(Twice(op, fn)), (3, 6, 6), inputs=kink_inputs())
     assert net.unit_layers == ["Conv0", "Conv1", "FC"]  # the rewrite adds no unit layer
     kinds = {n.kind for n in net.nodes if hasattr(n, "kind")}
     assert kinds <= {"relu"}, kinds  # only ReLUs: the network is piecewise linear
@@ -411,7 +322,7 @@ def test_breakpoint_lives_in_x_b():
     got = net.run(x, x_b=xb, keep=[net.output])[net.output]
     with torch.no_grad():
         want = m0(x)
-    assert float((got - want).norm() / want.norm()) <= RTOL  # same maps as in verify
+    assert float((got - want).norm() / want.norm()) <= RTOL  # same maps as in check_network
 
 
 def test_breakpoint_refusals():
@@ -498,7 +409,7 @@ class ShuffleUnit(nn.Module):
 
 
 def test_shufflenet_stride1_unit_forms():
-    net = verify(randomise(ShuffleUnit()), (3, 5, 5), n_units=None)
+    net = check_network(randomise(ShuffleUnit()), (3, 5, 5), n_units=None)
     kinds = ops(net)
     assert "ChannelShuffle" in kinds and kinds.count("AdjointOperator") >= 2
 
@@ -521,7 +432,7 @@ class Net1d(nn.Module):
 
 
 def test_conv1d_bn1d_avgpool1d():
-    net = verify(randomise(Net1d()), (2, 13), n_units=None)
+    net = check_network(randomise(Net1d()), (2, 13), n_units=None)
     assert net.unit_layers == ["Conv0", "Conv1", "FC"]
     assert ops(net).count("Scale") == 0  # both BatchNorm1d fold into their Conv1d (Eq. 7)
     assert ops(net).count("AvgPool1d") == 2
@@ -548,7 +459,7 @@ def test_max_pool_1d(pool):
     """A MaxPoolNode on the (C, 1, L) view, UnitAxis in and out: exact (module docstring)."""
     model = Pool1d(pool)
     model(torch.zeros(1, 2, 13))  # materialise the lazy FC
-    net = verify(randomise(model, seed=3), (2, 13), n_units=None)
+    net = check_network(randomise(model, seed=3), (2, 13), n_units=None)
     assert {"UnitAxis", "MaxPoolNode"} <= set(ops(net)) | {type(n).__name__ for n in net.nodes}
 
 
@@ -560,7 +471,7 @@ def test_adaptive_max_pool_uneven(hw, osz):
     shape = (3,) + hw
     for m in (seq(nn.AdaptiveMaxPool2d(osz), shape),
               seq(fn=lambda x: F.adaptive_max_pool2d(x, osz), shape=shape)):
-        net = verify(m, shape, n_units=None)
+        net = check_network(m, shape, n_units=None)
         uneven = any(h % o for h, o in zip(hw, (osz, osz) if isinstance(osz, int) else
                                            tuple(h if o is None else o for h, o in zip(hw, osz))))
         assert ("AdaptiveWindows" in ops(net)) == uneven
@@ -592,10 +503,10 @@ def test_adaptive_windows_gather_is_torchs_windows():
     {"scale_factor": 0.6, "mode": "bicubic", "align_corners": False},
     {"scale_factor": 1.7, "mode": "bicubic", "recompute_scale_factor": True}])
 def test_bicubic_interpolate(kw):
-    verify(seq(fn=lambda x: F.interpolate(x, **kw), shape=(3, 5, 6)), (3, 5, 6), n_units=None)
+    check_network(seq(fn=lambda x: F.interpolate(x, **kw), shape=(3, 5, 6)), (3, 5, 6), n_units=None)
 
 
 def test_bicubic_upsample_module():
-    net = verify(seq(nn.Upsample(scale_factor=2, mode="bicubic", align_corners=True), (3, 4, 4)),
+    net = check_network(seq(nn.Upsample(scale_factor=2, mode="bicubic", align_corners=True), (3, 4, 4)),
                  (3, 4, 4))
     assert "Upsample2d" in ops(net)

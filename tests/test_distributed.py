@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_verify_compact import _payload, _same_npz  # noqa: F401  (one bit-for-bit npz comparison)
+from kit_files import assert_same_npz  # one bit-for-bit npz comparison
 from torch import nn
 
 distributed = pytest.importorskip("distributed")
@@ -97,11 +97,11 @@ def test_sigkill_one_worker_mid_run_then_rerun(client, serial_ref, tmp_path):
     assert rep.computed == 2 * N_IMAGES and rep.cached == 0  # every task finished
     for d in ("float32", "float64"):
         for i in range(N_IMAGES):
-            _same_npz(ref / "images" / d / f"{i:05d}.npz", out / "images" / d / f"{i:05d}.npz")
+            assert_same_npz(ref / "images" / d / f"{i:05d}.npz", out / "images" / d / f"{i:05d}.npz")
     assert rep.rows == ref_rep.rows
     assert (out / "summary.json").read_bytes() == (ref / "summary.json").read_bytes()
     assert (out / "summary.csv").read_bytes() == (ref / "summary.csv").read_bytes()
-    _same_npz(ref / "histograms.npz", out / "histograms.npz")
+    assert_same_npz(ref / "histograms.npz", out / "histograms.npz")
     for ex in (client, None):  # a rerun, distributed or serial, computes nothing
         again = V.verify(_net(), _images(), out_dir=out, progress=False, figures=False, executor=ex)
         assert again.computed == 0 and again.cached == 2 * N_IMAGES and again.rows == ref_rep.rows
@@ -115,7 +115,7 @@ def test_scheduler_address(client, serial_ref, tmp_path):
                    figures=False, executor=addr)
     assert rep.computed == 2 and rep.executor == f"dask (scheduler {addr})"
     for i in range(2):
-        _same_npz(serial_ref[0] / "images" / "float64" / f"{i:05d}.npz", tmp_path / "images" / "float64" / f"{i:05d}.npz")
+        assert_same_npz(serial_ref[0] / "images" / "float64" / f"{i:05d}.npz", tmp_path / "images" / "float64" / f"{i:05d}.npz")
     with pytest.raises(ValueError, match="workers applies to executor='local' only"):
         V.verify(_net(), _images()[:1], out_dir=tmp_path, executor=addr, workers=2)
 

@@ -47,10 +47,10 @@ linop.verify(m, x, dtypes=["float32", "float64"], out_dir=sys.argv[1], progress=
 POSTTRAIN = """
 import sys, torch
 sys.path.insert(0, sys.argv[2])
-from test_posttrain import CountingReconstructor, _tiny_data, _tiny_model
+from kit_posttrain import CountingReconstructor, tiny_data, tiny_model
 from linop.studies.posttrain import posttrain_study
 torch.set_num_threads(1)
-posttrain_study(_tiny_model(), _tiny_data(), pairs=[(1, 3), (2, 3)], epochs=1, runs=3, batch_size=32,
+posttrain_study(tiny_model(), tiny_data(), pairs=[(1, 3), (2, 3)], epochs=1, runs=3, batch_size=32,
                 progress=False, print_table=False, reconstructor=CountingReconstructor(), out_dir=sys.argv[1],
                 seed=0)
 """

@@ -19,25 +19,9 @@ from linop.network import InputNode
 from linop.linearize import linearise
 from linop.utils import parse_memory
 
+from kit_nets import RandomGraph, equivalent_net, reference_net, sample_input
+
 RTOL = 1e-10
-
-
-def _perturb_bn(m: nn.Module, seed: int) -> nn.Module:
-    """Random eval-mode BN statistics so that every bias (x_b) is non-zero."""
-    g = torch.Generator().manual_seed(seed)
-    for mod in m.modules():
-        if isinstance(mod, (nn.BatchNorm2d, nn.BatchNorm1d)):
-            n = mod.num_features
-            mod.running_mean.copy_(0.2 * torch.randn(n, generator=g))
-            mod.running_var.copy_(0.5 + torch.rand(n, generator=g))
-            mod.weight.data.copy_(0.5 + torch.rand(n, generator=g))
-            mod.bias.data.copy_(0.3 * torch.randn(n, generator=g))
-    return m.eval()
-
-
-def extended_fn(net, node_name):
-    """f(x, x_b) = the node's output (the library's autograd-friendly reference)."""
-    return net.extended_function(node_name)
 
 
 def autograd_rows(net, layer, x, units):
@@ -45,7 +29,7 @@ def autograd_rows(net, layer, x, units):
     node = net.unit_node(layer)
     xx = x.clone().requires_grad_(True)
     xb = net.x_b.clone().requires_grad_(True)
-    out = extended_fn(net, node.name)(xx, xb)
+    out = net.extended_function(node.name)(xx, xb)
     rows = [torch.autograd.grad(out[int(u)], (xx, xb), retain_graph=True, allow_unused=True) for u in units]
     JI = torch.stack([r[0] if r[0] is not None else torch.zeros_like(x) for r in rows])
     Jb = torch.stack([r[1] if r[1] is not None else torch.zeros_like(net.x_b) for r in rows])
@@ -63,62 +47,6 @@ def assert_rows_close(A, B, what):
 # ----------------------------------------------------------------------------- models
 
 
-class RandomGraph(nn.Module):
-    """A small random piecewise-linear architecture: strided convs, a residual sum, a channel
-    concatenation, max pooling (argmax selection), average pooling, LeakyReLU/ReLU, FC."""
-
-    def __init__(self, c: int, stride: int, pool: str, slope: float, cat: bool, k: int):
-        super().__init__()
-        self.conv0 = nn.Conv2d(2, c, k, padding=k // 2)
-        self.bn0 = nn.BatchNorm2d(c)
-        self.conv1 = nn.Conv2d(c, c, 3, padding=1, stride=1)
-        self.conv2 = nn.Conv2d(c, c, 3, padding=1)
-        self.act = nn.LeakyReLU(slope) if slope > 0 else nn.ReLU()
-        self.cat = cat
-        c2 = 2 * c if cat else c
-        self.conv3 = nn.Conv2d(c2, c, 3, padding=1, stride=stride)
-        self.pool = nn.MaxPool2d(2) if pool == "max" else nn.AvgPool2d(3, stride=2, padding=1)
-        self.gap = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(c, 3)
-
-    def forward(self, x):
-        a = self.act(self.bn0(self.conv0(x)))
-        b = self.act(self.conv1(a))
-        r = self.act(self.conv2(b) + a)  # residual sum
-        if self.cat:
-            r = torch.cat([r, b], dim=1)  # concatenation
-        y = self.act(self.conv3(r))
-        y = self.pool(y)
-        return self.fc(torch.flatten(self.gap(y), 1))
-
-
-def _net(module, shape, seed=0):
-    torch.manual_seed(seed)
-    return from_torch(_perturb_bn(module, seed), shape, torch.float64)
-
-
-def reference_net(name: str, shape, seed: int):
-    """A reference model ("vgg7", "resnet20", "fixup") as a float64 equivalent network with
-    randomised BN statistics (and non-trivial Fixup scalars), so every bias is non-zero."""
-    torch.manual_seed(seed)
-    if name == "vgg7":
-        from models.vgg7 import vgg7
-
-        return _net(vgg7(), shape, seed=seed)
-    if name == "resnet20":
-        from models.resnet20 import resnet20
-
-        return _net(resnet20(), shape, seed=seed)
-    from models.fixup_resnet20 import fixup_resnet20
-
-    m = fixup_resnet20(zero_init=False)
-    g = torch.Generator().manual_seed(seed + 1)
-    for pname, p in m.named_parameters():
-        if p.numel() == 1:  # Fixup scalar biases / multipliers: make them non-trivial
-            p.data.copy_(0.1 * torch.randn(1, generator=g) + (1.0 if "scale" in pname else 0.0))
-    return _net(m, shape, seed=seed)
-
-
 @pytest.fixture(scope="module")
 def vgg():
     return reference_net("vgg7", (3, 12, 12), 0)
@@ -134,17 +62,12 @@ def fixup():
     return reference_net("fixup", (3, 8, 8), 2)
 
 
-def _x(net, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.rand(net.input_shape, generator=g, dtype=torch.float64) - 0.3
-
-
 # ----------------------------------------------------------------------------- tests
 
 
 def test_rows_match_autograd_vgg7(vgg):
     """H rows == rows of autograd's Jacobian of f(x, x_b) for sampled units of every layer."""
-    x = _x(vgg)
+    x = sample_input(vgg)
     lin = linearise(vgg, x)
     g = torch.Generator().manual_seed(5)
     for LJ in lin.sweep():
@@ -157,7 +80,7 @@ def test_rows_match_autograd_vgg7(vgg):
 @pytest.mark.parametrize("which", ["resnet", "fixup"])
 def test_rows_match_autograd_resnets(which, request):
     net = request.getfixturevalue(which)
-    x = _x(net, 1)
+    x = sample_input(net, 1)
     lin = linearise(net, x)
     g = torch.Generator().manual_seed(6)
     for LJ in lin.sweep(net.unit_layers[::3] + ["FC"]):
@@ -185,7 +108,7 @@ def _check_identity_all_units(net, x, scale=1.0):
 
 def test_identity_all_units_reference_models(vgg, resnet, fixup):
     for net, seed in ((vgg, 0), (resnet, 1), (fixup, 2)):
-        _check_identity_all_units(net, _x(net, seed))
+        _check_identity_all_units(net, sample_input(net, seed))
 
 
 @given(
@@ -202,8 +125,8 @@ def test_identity_all_units_reference_models(vgg, resnet, fixup):
 def test_identity_and_reverse_random_graphs(c, stride, pool, slope, cat, k, hw, seed):
     """Random architectures with residuals, concatenations and max pooling: the identity for
     all units, and the forward (compressed) rows equal the reverse-mode (VJP) rows."""
-    net = _net(RandomGraph(c, stride, pool, slope, cat, k), (2,) + hw, seed)
-    x = _x(net, seed)
+    net = equivalent_net(RandomGraph(c, stride, pool, slope, cat, k), (2,) + hw, seed)
+    x = sample_input(net, seed)
     _check_identity_all_units(net, x)
     lin = linearise(net, x)
     for LJ in lin.sweep():
@@ -216,7 +139,7 @@ def test_identity_and_reverse_random_graphs(c, stride, pool, slope, cat, k, hw, 
 def test_compressed_windows_are_exact_and_small(vgg):
     """The window representation reproduces the dense row outside the window as exact
     zeros, and the windows grow with the receptive field (3x3 at Conv0, 5x5 at Conv1)."""
-    x = _x(vgg)
+    x = sample_input(vgg)
     lin = linearise(vgg, x)
     geo = {LJ.name: (LJ.ry, LJ.rx, LJ.P) for LJ in lin.sweep(["Conv0", "Conv1", "Conv2"])}
     assert geo["Conv0"][:2] == (3, 3) and geo["Conv1"][:2] == (5, 5)
@@ -233,7 +156,7 @@ def test_compressed_windows_are_exact_and_small(vgg):
 
 def test_channel_groups_add_up(vgg):
     """Column groups (one image channel at a time, bias apart) sum to the full Jacobian."""
-    x = _x(vgg)
+    x = sample_input(vgg)
     lin = linearise(vgg, x)
     full = lin.layer("Conv3")
     u = torch.arange(0, full.n_units, 53)
@@ -245,7 +168,7 @@ def test_channel_groups_add_up(vgg):
 def test_scale_invariance_exact_for_power_of_two(vgg):
     """k = 1/8 scales every value exactly in binary floating point, so the activation pattern
     and therefore J are bitwise identical (positive homogeneity, seed 000 appendix C)."""
-    x = _x(vgg)
+    x = sample_input(vgg)
     a = linearise(vgg, x).layer("Conv4")
     b = linearise(vgg, x, scale=0.125).layer("Conv4")
     assert torch.equal(a.Ti, b.Ti) and torch.equal(a.Tb, b.Tb)
@@ -258,7 +181,7 @@ def test_tanh_is_refused():
 
 
 def test_bad_arguments(vgg):
-    x = _x(vgg)
+    x = sample_input(vgg)
     with pytest.raises(ValueError, match="scale"):
         linearise(vgg, x, scale=-1.0)
     with pytest.raises(ValueError, match="shape"):
@@ -286,7 +209,7 @@ def test_schedules_give_identical_jacobians(vgg20, resnet):
     the same Jacobian: densified rows agree to RTOL (different summation orders only) and match
     reverse mode; every period covers its node's windows and its inputs' periods."""
     for net in (vgg20, resnet):
-        x = _x(net, 5)
+        x = sample_input(net, 5)
         lin = linearise(net, x)
         auto, lazy = lin.periods(), lin.periods(lazy=True)
         geom = lin.geometry()
@@ -311,7 +234,7 @@ def test_densify_all_units_into_buffer_equals_subsets(vgg20):
     """image()/bias() of all units written into one reused buffer equal, bit for bit, the
     per-subset densification (a different index path: per-unit rows) at every layer — the
     zero-colour, masked and dense (pure transpose) paths all occur among VGG7's layers."""
-    x = _x(vgg20, 6)
+    x = sample_input(vgg20, 6)
     lin = linearise(vgg20, x)
     C, H, W = vgg20.input_shape
     Umax = max(int(np.prod(vgg20.unit_node(l).out_shape)) for l in vgg20.unit_layers)
@@ -333,7 +256,7 @@ def test_densify_all_units_into_buffer_equals_subsets(vgg20):
 
 
 def test_out_buffer_is_validated(vgg):
-    lin = linearise(vgg, _x(vgg))
+    lin = linearise(vgg, sample_input(vgg))
     LJ = lin.layer("Conv1")
     with pytest.raises(ValueError, match="out must be a contiguous"):
         LJ.image(out=torch.zeros(10, dtype=torch.float64))

@@ -21,7 +21,7 @@ from torch.func import jacfwd
 from linop.linearize import linearise
 from linop.operators import GraphOperator, dottest
 
-from test_jacobian import RandomGraph, _net, _x, reference_net
+from kit_nets import RandomGraph, equivalent_net, reference_net, sample_input
 
 RTOL = 1e-12
 
@@ -90,7 +90,7 @@ def fixup():
 
 
 def test_operator_vgg7_every_unit(vgg):
-    lin = check_network(vgg, _x(vgg))
+    lin = check_network(vgg, sample_input(vgg))
     J = lin.operator("Conv3")
     c = lin.preactivations()["Conv3"].numpy()
     sol = spla.lsmr(J, c, maxiter=100)[0]  # scipy takes J as is (a consistent system, J z = c)
@@ -108,11 +108,11 @@ def test_operator_vgg7_every_unit(vgg):
 def test_operator_resnets_every_unit(which, request):
     net = request.getfixturevalue(which)
     # the CSR of every layer would repeat the sparse recurrence 20 times: a few layers suffice
-    check_network(net, _x(net, 1), sparse_layers=["Conv0", "Conv7", "Conv13", "FC"])
+    check_network(net, sample_input(net, 1), sparse_layers=["Conv0", "Conv7", "Conv13", "FC"])
 
 
 def test_svds_accepts_the_operator(vgg):
-    J = linearise(vgg, _x(vgg)).operator("FC")
+    J = linearise(vgg, sample_input(vgg)).operator("FC")
     s = spla.svds(J, k=3, return_singular_vectors=False)
     ref = np.linalg.svd(J.to_sparse().toarray(), compute_uv=False)[:3]
     assert np.allclose(np.sort(s)[::-1], ref, rtol=1e-10)
@@ -131,12 +131,12 @@ def test_svds_accepts_the_operator(vgg):
 @settings(max_examples=8)
 def test_operator_random_graphs(c, stride, pool, slope, cat, k, hw, seed):
     """Residual sums, concatenations, max / avg pooling, LeakyReLU: every unit, every layer."""
-    net = _net(RandomGraph(c, stride, pool, slope, cat, k), (2,) + hw, seed)
-    check_network(net, _x(net, seed))
+    net = equivalent_net(RandomGraph(c, stride, pool, slope, cat, k), (2,) + hw, seed)
+    check_network(net, sample_input(net, seed))
 
 
 def test_to_sparse_refuses_beyond_max_bytes(vgg):
-    J = linearise(vgg, _x(vgg)).operator("Conv2")
+    J = linearise(vgg, sample_input(vgg)).operator("Conv2")
     with pytest.raises(MemoryError, match=r"GiB > max_bytes.*matvec"):
         J.to_sparse(max_bytes=10_000)
     assert J.sparse_bytes() >= J.to_sparse().nnz * 8  # the estimate bounds the result
@@ -144,7 +144,7 @@ def test_to_sparse_refuses_beyond_max_bytes(vgg):
 
 def test_identity_schedule_is_the_same_operator(vgg):
     """The paper's identity batch (P = (H, W) everywhere) is one more schedule of the sweep."""
-    lin = linearise(vgg, _x(vgg))
+    lin = linearise(vgg, sample_input(vgg))
     assert set(lin.periods(schedule="identity").values()) == {(8, 8)}
     for A, B in zip(lin.sweep(schedule="identity"), lin.sweep()):
         _rows_close(A.image(), B.image(), f"{A.name}: identity vs auto, image")
@@ -155,7 +155,7 @@ def test_node_operators_are_the_library_operators(vgg):
     """The local Jacobians are linop.operators (dottest each)."""
     from linop.operators import HStack, MaxPool2d, ReLUMask
 
-    lin = linearise(vgg, _x(vgg))
+    lin = linearise(vgg, sample_input(vgg))
     kinds = set()
     for n in vgg.nodes[1:]:
         op = lin.node_operator(n.name)
@@ -167,7 +167,7 @@ def test_node_operators_are_the_library_operators(vgg):
 def test_backmap_reuses_a_linearisation(vgg):
     from linop.hypersurface import backmap, reconstructed_activations
 
-    x = _x(vgg)
+    x = sample_input(vgg)
     lin = linearise(vgg, x)
     a = backmap(vgg, None, "Conv2", units=[3, 5], linearisation=lin)
     b = backmap(vgg, x, "Conv2", units=[3, 5])

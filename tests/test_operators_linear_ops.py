@@ -17,76 +17,23 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import scipy.sparse
 import torch
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-from linop import backend
-from linop.operators.base import Operator, dottest
 from linop.operators.conv_transpose import ConvTranspose2d
 from linop.operators.layers1d import AvgPool1d, Conv1d, MaxPool1d
 from linop.operators.padding import Pad2d
 from linop.operators.permutation import ChannelPermutation, ChannelShuffle
 from linop.operators.resample import AdaptiveAvgPool2d, Upsample2d
 
-RTOL = 1e-12
-ENTRY_RTOL = 1e-14
-TINY = 1e-300  # keeps the bound positive where |A||x| is exactly 0 (both sides are then exactly 0)
+from kit_forms import check_forms
+
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _close(actual, expected, scale, what):
-    actual, expected, scale = (np.asarray(backend.to_numpy(a), dtype=np.float64) for a in (actual, expected, scale))
-    assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
-    err = np.abs(actual - expected)
-    bound = RTOL * np.abs(scale) + TINY
-    assert np.all(err <= bound), f"{what}: worst err {err.max():.3e}, {(err > bound).sum()} entries off"
-
-
-def check_forms(op: Operator, ref, n: int = 2, seed: int = 0, pattern: bool = True) -> scipy.sparse.csr_matrix:
-    """All forms of ``op`` against the torch function ``ref`` (float64, batched).
-
-    With ``pattern``, the CSR also equals the matrix obtained by pushing the identity basis
-    through ``ref`` (entry-wise to ``ENTRY_RTOL``), with the same non-zero pattern — so it
-    stores no entry the torch op lacks and misses none (an independent nnz count)."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn((n,) + op.in_shape, generator=g, dtype=torch.float64)
-    v = torch.randn((n,) + op.out_shape, generator=g, dtype=torch.float64)
-    A = op.to_sparse()
-    assert isinstance(A, scipy.sparse.csr_matrix) and A.shape == op.shape and A.has_canonical_format
-    assert np.all(A.data != 0), "explicit zeros stored"
-    X, V = x.reshape(n, -1).numpy().T, v.reshape(n, -1).numpy().T
-    fscale, ascale = abs(A) @ np.abs(X), abs(A).T @ np.abs(V)
-
-    y_ref = ref(x).detach().reshape(n, -1).numpy().T
-    _close(op.apply(x).reshape(n, -1).numpy().T, y_ref, fscale, "apply")
-    _close(A @ X, y_ref, fscale, "to_sparse @ x")
-    _close(op.matvec(X[:, 0]), y_ref[:, 0], fscale[:, 0], "matvec")
-    _close(op.matmat(X), y_ref, fscale, "matmat")
-
-    xg = x.clone().requires_grad_(True)
-    (vjp,) = torch.autograd.grad(ref(xg), xg, v)
-    vjp = vjp.reshape(n, -1).numpy().T
-    _close(op.apply_adjoint(v).reshape(n, -1).numpy().T, vjp, ascale, "apply_adjoint")
-    _close(A.T @ V, vjp, ascale, "to_sparse.T @ v")
-    _close(op.rmatvec(V[:, 0]), vjp[:, 0], ascale[:, 0], "rmatvec")
-    _close(op.rmatmat(V), vjp, ascale, "rmatmat")
-
-    if pattern:
-        eye = torch.eye(op.shape[1], dtype=torch.float64).reshape((op.shape[1],) + op.in_shape)
-        dense = ref(eye).detach().reshape(op.shape[1], -1).numpy().T
-        assert A.nnz == np.count_nonzero(dense), "nnz differs from the torch op's non-zero count"
-        D = A.toarray()
-        assert np.array_equal(D != 0, dense != 0), "sparsity pattern differs from the torch op's"
-        assert np.all(np.abs(D - dense) <= ENTRY_RTOL * np.abs(dense)), "entries differ from the torch op's"
-    dottest(op, rng=seed)
-    dottest(op.T, rng=seed + 1)
-    return A
 
 
 # ============================================================================ AdaptiveAvgPool2d

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
-from test_operators_linear_ops import check_forms
+from kit_forms import check_forms
 
 from linop.operators.base import dottest
 from linop.operators.layers1d import MaxPool1d, UnitAxis

@@ -252,9 +252,9 @@ def test_cli_options():
 
 # ----------------------------------------------------------------------------- results files
 def _tiny():
-    from test_posttrain import _tiny_data, _tiny_model
+    from kit_posttrain import tiny_data, tiny_model
 
-    return _tiny_model(), _tiny_data(n_train=48, n_test=32)
+    return tiny_model(), tiny_data(n_train=48, n_test=32)
 
 
 @pytest.mark.parametrize("paper", [False, True])

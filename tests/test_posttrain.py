@@ -25,42 +25,9 @@ from linop.studies.posttrain import (
 )
 from models.baselines import KConvMFC, conv2_fc1
 
+from kit_posttrain import CountingReconstructor, tiny_data, tiny_model
+
 torch.set_num_threads(1)
-
-
-def _tiny_model(seed: int = 0) -> KConvMFC:
-    torch.manual_seed(seed)
-    # conv 1->3 (3x3) + tanh + pool 2 -> 3x3, conv 3->4 (3x3) + tanh -> 1x1, FC 4->10: L = 3
-    return KConvMFC((1, 8, 8), (3, 4), (), 10, "tanh", kernel_size=3)
-
-
-def _tiny_data(n_train: int = 96, n_test: int = 64, seed: int = 0) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.rand(n_train + n_test, 1, 8, 8, generator=g)
-    y = torch.randint(0, 10, (n_train + n_test,), generator=g)
-    return {"x_train": x[:n_train], "y_train": y[:n_train], "x_test": x[n_train:], "y_test": y[n_train:]}
-
-
-class CountingReconstructor:
-    """Stand-in reconstructor (the mechanics under test do not depend on the solver): the
-    target is a fixed, label-dependent shift of â_{l_R}; counts factory and chunk calls."""
-
-    def __init__(self, fail_at_chunk: int | None = None):
-        self.factory_calls = 0
-        self.chunk_calls = 0
-        self.fail_at_chunk = fail_at_chunk
-
-    def __call__(self, upper, in_shape, embedding, solver):
-        self.factory_calls += 1
-
-        def f(a_hat, y):
-            if self.fail_at_chunk is not None and self.chunk_calls == self.fail_at_chunk:
-                raise KeyboardInterrupt("simulated kill")
-            self.chunk_calls += 1
-            shift = (y.to(a_hat.dtype) / 10.0).reshape(-1, *([1] * (a_hat.dim() - 1)))
-            return a_hat.to(torch.float64) + shift
-
-        return f
 
 
 # ---------------------------------------------------------------------------- the loss
@@ -108,7 +75,7 @@ def test_parameter_counts_match_seed001_table1():
 
 
 def test_parameter_counts_sum_of_trained_layers():
-    net = _tiny_model()
+    net = tiny_model()
     per_layer = [3 * 9 + 3, 4 * 3 * 9 + 4, 10 * 4 + 10]  # conv1, conv2, FC
     for s, r in default_pairs(3):
         assert trainable_parameter_count(net, s, r) == sum(per_layer[s:r])
@@ -121,7 +88,7 @@ def test_parameter_counts_sum_of_trained_layers():
 @pytest.mark.parametrize("pair", [(0, 1), (1, 2), (1, 3), (2, 3)])
 @pytest.mark.parametrize("method", ["BP", "FR"])
 def test_frozen_layers_do_not_change(pair, method):
-    net, d = _tiny_model(), _tiny_data()
+    net, d = tiny_model(), tiny_data()
     l_S, l_R = pair
     a_star = None
     if method == "FR":
@@ -144,7 +111,7 @@ def test_frozen_layers_do_not_change(pair, method):
 def test_fr_with_alpha_zero_is_bp_bitwise():
     # same optimiser, seeds and data order: with alpha = 0, Eq. 3 is CE alone, so FR-PT and
     # BP-PT must produce bit-identical weights and accuracies
-    net, d = _tiny_model(), _tiny_data()
+    net, d = tiny_model(), tiny_data()
     a_star = reconstruct_features(net, 2, d["x_train"], d["y_train"], reconstructor=CountingReconstructor(), progress=False)
     kw = dict(alpha=0.0, epochs=2, lr=1e-2, batch_size=32, seed=7, return_model=True)
     bp = posttrain_run(net, 0, 2, "BP", d["x_train"], d["y_train"], d["x_test"], d["y_test"], **kw)
@@ -158,7 +125,7 @@ def test_fr_with_alpha_zero_is_bp_bitwise():
 
 
 def test_memory_estimate_orders():
-    net, d = _tiny_model(), _tiny_data()
+    net, d = tiny_model(), tiny_data()
     xb, yb = d["x_train"][:32], d["y_train"][:32]
     a2 = torch.zeros(32, 4, 1, 1)
     bp02 = training_memory(net, 0, 2, "BP", xb, yb, None)
@@ -175,7 +142,7 @@ def test_memory_estimate_orders():
 
 # ---------------------------------------------------------------------------- the cache
 def test_cache_returns_identical_tensors_without_recomputing(tmp_path):
-    net, d = _tiny_model(), _tiny_data()
+    net, d = tiny_model(), tiny_data()
     rc = CountingReconstructor()
     kw = dict(cache_dir=tmp_path, chunk_size=40, progress=False, reconstructor=rc)
     a1 = reconstruct_features(net, 2, d["x_train"], d["y_train"], **kw)
@@ -188,7 +155,7 @@ def test_cache_returns_identical_tensors_without_recomputing(tmp_path):
     reconstruct_features(net, 2, d["x_train"], d["y_train"], **{**kw, "embedding": "ma"})
     reconstruct_features(net, 2, d["x_train"], d["y_train"], **{**kw, "solver": "dense"})
     reconstruct_features(net, 2, d["x_train"], (d["y_train"] + 1) % 10, **kw)
-    other = _tiny_model()
+    other = tiny_model()
     with torch.no_grad():
         next(other.parameters())[0, 0, 0, 0] += 1e-7
     reconstruct_features(other, 2, d["x_train"], d["y_train"], **kw)
@@ -197,7 +164,7 @@ def test_cache_returns_identical_tensors_without_recomputing(tmp_path):
 
 
 def test_cache_resumes_interrupted_reconstruction(tmp_path):
-    net, d = _tiny_model(), _tiny_data()
+    net, d = tiny_model(), tiny_data()
     ref = reconstruct_features(net, 2, d["x_train"], d["y_train"], chunk_size=40, progress=False,
                                reconstructor=CountingReconstructor())
     failing = CountingReconstructor(fail_at_chunk=2)
@@ -213,7 +180,7 @@ def test_cache_resumes_interrupted_reconstruction(tmp_path):
 
 
 def test_output_layer_target_is_the_embedding():
-    net, d = _tiny_model(), _tiny_data()
+    net, d = tiny_model(), tiny_data()
     a_L = reconstruct_features(net, 3, d["x_train"], d["y_train"], embedding="onehot", progress=False)
     assert torch.equal(a_L, torch.nn.functional.one_hot(d["y_train"], 10).float())
     ne = reconstruct_features(net, 3, d["x_train"], d["y_train"], embedding="ne", progress=False)
@@ -229,7 +196,7 @@ class _Stop(Exception):
 
 
 def _study(tmp_path, name, **kw):
-    base = dict(model=_tiny_model(), data=_tiny_data(), pairs=[(1, 2), (2, 3)], alpha=0.5, epochs=2,
+    base = dict(model=tiny_model(), data=tiny_data(), pairs=[(1, 2), (2, 3)], alpha=0.5, epochs=2,
                 lr=1e-2, runs=2, batch_size=32, seed=11, report_epochs=(1, 2), progress=False,
                 reconstructor=CountingReconstructor(), print_table=False, out_dir=tmp_path / name)
     base.update(kw)
@@ -280,7 +247,7 @@ def test_study_runs_use_seed_plus_r_for_both_methods(tmp_path):
         assert by[("BP", k)]["seed"] == by[("FR", k)]["seed"] == 11 + k
         # alpha = 0: identical training, so identical accuracy curves
         assert by[("BP", k)]["test_acc"] == by[("FR", k)]["test_acc"]
-        assert by[("FR", k)]["n_params"] == trainable_parameter_count(_tiny_model(), 2, 3)
+        assert by[("FR", k)]["n_params"] == trainable_parameter_count(tiny_model(), 2, 3)
 
 
 def test_ablation_rows_and_figure(tmp_path):
@@ -320,7 +287,7 @@ def test_default_reconstructor_meets_the_mdp_constraint():
 
     torch.manual_seed(1)
     net = KConvMFC((1, 8, 8), (3, 16), (), 10, "tanh", kernel_size=3).eval()
-    d = _tiny_data(n_train=40)
+    d = tiny_data(n_train=40)
     x, y = d["x_train"], d["y_train"]
     a2 = reconstruct_features(net, 2, x, y, chunk_size=16, progress=False)
     head = copy.deepcopy(net.classifier).double()

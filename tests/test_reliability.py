@@ -225,9 +225,9 @@ def test_cifar_unpickler_still_reads_arrays(tmp_path):
 # ---------------------------------------------------------------------------- row 9: caches, records
 def test_truncated_astar_cache_is_rebuilt(tmp_path):
     from linop.studies.posttrain import reconstruct_features
-    from test_posttrain import CountingReconstructor, _tiny_data, _tiny_model
+    from kit_posttrain import CountingReconstructor, tiny_data, tiny_model
 
-    net, d = _tiny_model(), _tiny_data()
+    net, d = tiny_model(), tiny_data()
     kw = dict(cache_dir=tmp_path, chunk_size=40, progress=False)
     ref = reconstruct_features(net, 2, d["x_train"], d["y_train"], reconstructor=CountingReconstructor(), **kw)
     (path,) = tmp_path.glob("astar_*.pt")
@@ -259,19 +259,19 @@ def test_concurrent_appends_write_each_record_once(tmp_path):
 def test_two_studies_on_one_out_dir_write_no_duplicates(tmp_path):
     """The second run finds every record written (here: by the first, sequentially) and the
     locked, keyed append keeps a run that raced it from duplicating them."""
-    from test_posttrain import CountingReconstructor, _tiny_data, _tiny_model
+    from kit_posttrain import CountingReconstructor, tiny_data, tiny_model
     from linop.studies.posttrain import posttrain_study
     import linop.studies.posttrain.study as S
 
     kw = dict(pairs=[(2, 3)], epochs=1, runs=1, batch_size=32, progress=False, print_table=False,
               reconstructor=CountingReconstructor(), out_dir=tmp_path)
-    posttrain_study(_tiny_model(), _tiny_data(), **kw)
+    posttrain_study(tiny_model(), tiny_data(), **kw)
     first = store.read_jsonl(tmp_path / "results.jsonl")
     # a racing run: it did not see the records when it started, so it runs every task again
     real = store.read_jsonl
     S.store.read_jsonl = lambda p: []
     try:
-        posttrain_study(_tiny_model(), _tiny_data(), **kw)
+        posttrain_study(tiny_model(), tiny_data(), **kw)
     finally:
         S.store.read_jsonl = real
     again = store.read_jsonl(tmp_path / "results.jsonl")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import importlib
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,6 +28,8 @@ from torch import nn
 from linop import hypersurface
 from linop.studies import errors as E
 from linop.studies import report as R
+
+from kit_files import assert_same_npz, npz_payload
 
 V = importlib.import_module("linop.studies.verify")
 
@@ -48,18 +49,6 @@ def _model(seed: int = 0) -> nn.Module:
 
 def _images(n: int, seed: int = 1) -> torch.Tensor:
     return torch.randn(n, 1, 6, 6, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-
-
-def _payload(path: Path) -> dict[str, np.ndarray]:
-    with np.load(path, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
-
-
-def _same_npz(a: Path, b: Path) -> None:
-    pa, pb = _payload(a), _payload(b)
-    assert sorted(pa) == sorted(pb), a
-    for k in pa:
-        assert pa[k].dtype == pb[k].dtype and np.array_equal(pa[k], pb[k]), (a, k)
 
 
 # ---------------------------------------------------------------------------- the record
@@ -112,7 +101,7 @@ def test_compact_counts_equal_full_eps_and_median_within_stated_bin(two_modes):
     exact_keys = ("units", "zeros", "n_within", "share_within", "n_exact", "n_nan", "n_neg", "n_pos", "max_abs")
     for d in ("float32", "float64"):
         for layer in full.layers:
-            e = np.concatenate([_payload(base / "full" / "images" / d / f"{i:05d}.npz")[f"eps:{layer}"]
+            e = np.concatenate([npz_payload(base / "full" / "images" / d / f"{i:05d}.npz")[f"eps:{layer}"]
                                 for i in range(5)])
             a = np.abs(e)
             rf, rc = full.row(layer, d), compact.row(layer, d)
@@ -133,8 +122,8 @@ def test_compact_files_hold_the_same_records_and_say_their_mode(two_modes):
     base, _full, _ = two_modes
     for d in ("float32", "float64"):
         for i in range(5):
-            pf = _payload(base / "full" / "images" / d / f"{i:05d}.npz")
-            pc = _payload(base / "compact" / "images" / d / f"{i:05d}.npz")
+            pf = npz_payload(base / "full" / "images" / d / f"{i:05d}.npz")
+            pc = npz_payload(base / "compact" / "images" / d / f"{i:05d}.npz")
             assert not any(k.startswith("eps:") for k in pc)  # no per-unit ε in compact files
             for k in pc:
                 if k != "meta":
@@ -171,10 +160,10 @@ def test_two_shards_and_a_third_run_equal_one_run(tmp_path):
         names = sorted(p.name for p in (tmp_path / "one" / "images" / d).iterdir())
         assert names == [f"{i:05d}.npz" for i in range(A, B)]  # named by absolute image number
         for n in names:
-            _same_npz(tmp_path / "one" / "images" / d / n, shard / "images" / d / n)
+            assert_same_npz(tmp_path / "one" / "images" / d / n, shard / "images" / d / n)
     for f in ("summary.json", "summary.csv"):
         assert (tmp_path / "one" / f).read_bytes() == (shard / f).read_bytes(), f
-    _same_npz(tmp_path / "one" / "histograms.npz", shard / "histograms.npz")
+    assert_same_npz(tmp_path / "one" / "histograms.npz", shard / "histograms.npz")
     assert json.loads((shard / "summary.json").read_text())["images"] == f"{A}:{B}"
     idx = json.loads((shard / "index.json").read_text())
     assert sorted(map(int, idx["entries"]["float32"])) == list(range(A, B))  # merged over the shards

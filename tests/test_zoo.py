@@ -3,7 +3,7 @@ converted and verified exactly in float64.
 
 Each model gets random He-initialised weights and BatchNorm layers with random running
 statistics (:func:`models.zoo.randomise`, eval mode, float64) and is checked by
-:func:`test_convert_ops.verify` (tolerances justified there): forward == torch (1e-12
+:func:`kit_forms.check_network` (tolerances justified there): forward == torch (1e-12
 relative), ``<[x; x_b], H> = c`` for every unit of every unit layer, and H rows ==
 torch.func.jacrev rows (all sampled rows in one reverse pass) for sampled units of every unit
 layer.
@@ -23,7 +23,7 @@ import os
 
 import pytest
 import torch
-from test_convert_ops import verify
+from kit_forms import check_network
 from torch import nn
 
 from models.zoo import ZOO, randomise
@@ -68,7 +68,7 @@ def test_zoo_model_is_exact(name):
     kw, hw = zoo_case(name)
     torch.manual_seed(0)
     model = randomise(ZOO[name](**kw), seed=1)
-    net = verify(model, (3, hw, hw), n_units=N_UNITS)
+    net = check_network(model, (3, hw, hw), n_units=N_UNITS)
     assert len(net.unit_layers) >= 3
     kinds = {type(getattr(n, "op", None) or n).__name__ for n in net.nodes}
     kinds |= {type(n).__name__ for n in net.nodes}
