@@ -9,7 +9,9 @@ would be W = 0).  Float64, batch ``--batch``; per geometry:
 
 * ``exact``  what ``auto`` picks (:func:`linop.solvers.auto_method`; ``fft-exact`` —
   :class:`~linop.solvers.fft_padded.ExactConvSolver`, padding / polyphase / groups): the
-  once-per-layer factorisation and the per-batch solve timed separately;
+  once-per-layer factorisation and the per-batch solve timed separately; ``m`` is the size of
+  the system factored, ``(sq)`` marks square layers solved by the complementary block of ``C⁻¹``
+  (:mod:`linop.solvers.fft_padded.square`; ``exact_algorithm`` in the JSON);
 * ``fft``    the paper's FFT path (seed 001 §3.2, approximate) where it applies — stride-1
   convs — on the same-size *unpadded* problem (input ``H + k − 1`` → output ``H``), as today's
   reference; factor and solve timed separately;
@@ -117,6 +119,9 @@ def run_geometry(g: dict, args) -> dict:
     a_ex = torch.as_tensor(ex.a)
     row["case"], row["residual"] = residual(op, a_ex, b, z_star)
     row["capacitance_size"], row["refine_steps"] = ex.info["capacitance_size"], int(np.max(ex.info["iterations"]))
+    row["exact_algorithm"] = "square" if "square_system_size" in ex.info else "lifted"
+    if row["exact_algorithm"] == "square":  # the LU system factored instead of the lifted one
+        row["capacitance_size"] = ex.info["square_system_size"]
     if g["stride"] == (1, 1) and g["groups"] == 1 and g["dilation"] == (1, 1):  # the paper's path applies
         (H, W), (kh, kw) = g["hw"], g["kernel"]
         wu, opu, au, bu, zu = make(dict(g, padding=0), (H + kh - 1, W + kw - 1), args.batch, args.seed, dev)
@@ -165,7 +170,8 @@ def table(rows: list[dict]) -> str:
                  f"{r['exact_over_fft']:.2f} ({r['exact_over_fft_incl_factor']:.2f})")
         names = ", ".join(r["layers"][:2]) + (f" +{len(r['layers']) - 2}" if len(r["layers"]) > 2 else "")
         out.append(f"| {names} | {r['cin']}→{r['cout']}, {r['hw'][0]}, {r['stride'][0]} | {r['case']} | {r['auto']} | "
-                   f"{r['capacitance_size']} | {r['exact_factor_s']:.2f} / {r['exact_solve_s']:.2f} | {fft} | {ratio} | "
+                   f"{r['capacitance_size']}{' (sq)' if r.get('exact_algorithm') == 'square' else ''} | "
+                   f"{r['exact_factor_s']:.2f} / {r['exact_solve_s']:.2f} | {fft} | {ratio} | "
                    f"{cg} | {f(r.get('cg_over_exact'), '.0f')} | {f(r.get('dense_dist'), '.1e')} | "
                    f"{r['residual']:.1e} |")
     return "\n".join(out)

@@ -76,10 +76,22 @@ LAPACK condition estimate says ``eps·cond > 1e-12``, iterative refinement
 ``δ ← δ + T (r − W δ)`` (the same iteration as above, ``λ = 0``) brings it to the pinv's own
 ``eps·cond(W)`` level in one to four steps.
 
+**Square layers** (:mod:`.square`).  When ``C_in = C_out``, every ``K̂(ω)`` is invertible and
+there are as many constrained ring entries as boundary outputs (``'same'`` convs with equal
+channels), ``W`` is square and ``W⁻¹ = N_IV − N_IB N_PB⁻¹ N_PV`` with ``N = C⁻¹`` (the
+complementary block of the inverse): one LU of ``C_out |B|`` rows instead of the lifted system
+of ``C_out |B| + |P'|``, and not of normal-equations type (direct error ``~eps·cond``, no
+refinement step).  ``square="auto"`` uses it where its condition estimate says the direct
+answer is accurate (``eps·cond_est ≤ 1e-8``); otherwise the lifted system below.
+
 **Cost.**  ``m = |B|·C_out + |P'|`` unknowns (``P'`` the constrained ring entries, at most ``|P|·C_in``): the blocks are *gathered* from one inverse
 FFT of each spectrum (``Q_BB[(i,b),(j,c)] = q_ij(p_b − p_c)``), factored once per layer
-(``O(m³)``), and each batch costs two FFT round trips over ``C_out + C_in`` channels, two
-per-frequency products and triangular solves with ``m`` rows (``2 m²`` flops a sample).
+(``O(m³)``; the Schur update on its lower triangle only), and each batch costs FFTs over
+``3 C_out + C_in`` (MDP) or ``C_out + 3 C_in`` channels (CCP; ``4 C_in`` when the first stage is a
+direct transposed conv, e.g. RGB inputs), two or three per-frequency products, the boundary /
+ring couplings as spatial taps (:mod:`.lift`) and triangular solves with ``m`` rows (``2 m²``
+flops a sample).  The refinement's residual ``r − W δ`` is taken by FFTs where that is cheaper
+than the direct conv (:func:`.lift.torus_forward`).
 Where the blocks would exceed the byte budget the solver falls back to Fourier-preconditioned
 CG (``fft-pcg`` style: Craig on ``W Wᵀ`` with ``S (C Cᵀ)⁻¹ Sᵀ``, resp. CGLS with
 ``Eᵀ (Cᵀ C)⁻¹ E``), exact to its tolerance; the iterations are reported.
@@ -102,6 +114,7 @@ is also ``d²`` independent phase convs with the undilated kernel — a smaller 
 implemented.)
 
 Modules: :mod:`.torus` (geometry, constraints, gather), :mod:`.factor` (block Cholesky),
+:mod:`.lift` (per-batch right-hand sides and lift back), :mod:`.square` (square ``W``),
 :mod:`.solver` (:class:`.PaddedConvSolver`), :mod:`.iterate` (refinement, PCG),
 :mod:`.polyphase`, :mod:`.grouped` (:class:`.ExactConvSolver`).
 """

@@ -160,6 +160,8 @@ class ExactConvSolver:
         out.update({"groups": self.groups, "stride": self.stride, "dilation": self.dilation, "padding": self.padding,
                     "capacitance_size": sum(ps.m for ps, _ in self.parts), "capacitance_bytes": self.need_bytes,
                     "factor_seconds": self.factor_seconds, "tikhonov_lambda": self.lam})
+        if "square_system_size" in out:  # square blocks: the LU system actually factored (square.py)
+            out["square_system_size"] = sum(ps.mB for ps, _ in self.parts if ps._sq is not None)
         if self.groups > 1:
             out["algorithm"] += f"; block diagonal over {self.groups} groups, solved per group"
         if self.stride != (1, 1):

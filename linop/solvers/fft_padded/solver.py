@@ -14,6 +14,8 @@ from ..result import DEFAULT_MAX_BYTES
 from .factor import SINGULAR_COND, SINGULAR_EIG, QuasiDefiniteFactor, lifted_spectra
 from .iterate import padded_pcg
 from .iterate import refine as refine_steps
+from .lift import TorusLift, shift_phase, torus_forward
+from .square import square_solver
 from .torus import (
     all_channels,
     block_sizes,
@@ -63,6 +65,12 @@ class PaddedConvSolver:
         like ``eps·cond(W)²``; ``"auto"`` refines when ``eps·cond_est > 1e-12``.
     device, dtype : where the factors and spectra live (float64 for exactness).
     row_chunk : rows per gather chunk while building the blocks.
+    square : "auto", True or False
+        Square invertible ``W`` (``C_in = C_out``, as many constrained ring entries as boundary
+        outputs, e.g. ``'same'`` convs with equal channels): ``W⁻¹`` from the complementary block
+        of ``C⁻¹`` (:mod:`.square`) — half the system, one LU, no normal equations.  ``"auto"``
+        uses it when it applies and its condition estimate says the direct answer is accurate
+        (``eps·cond_est(N_PB) ≤ 1e-8``, no refinement needed); ``True`` requires it (refined above that).
     fixed_zero : optional bool mask (C_in, H, W)
         Image entries held at zero (the solve is ``(W D)⁺`` with ``D`` the 0/1 diagonal of the
         free entries) — the phase positions that do not exist when a stride does not divide the
@@ -78,7 +86,8 @@ class PaddedConvSolver:
                  dilation: Any = 1, groups: int = 1, stride: Any = 1, torus: tuple[int, int] | None = None,
                  method: str = "auto", rcond: float = 1e-10, reg: float = 1e-6,
                  max_bytes: int = DEFAULT_MAX_BYTES, refine: bool | str = "auto", device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float64, row_chunk: int = 1024, fixed_zero: Any = None):
+                 dtype: torch.dtype = torch.float64, row_chunk: int = 1024, fixed_zero: Any = None,
+                 square: bool | str = "auto"):
         t0 = time.perf_counter()
         w, in_shape, padding, dilation, groups, stride = conv_geometry(weight, in_shape, padding, dilation,
                                                                        groups, stride)
@@ -89,6 +98,7 @@ class PaddedConvSolver:
         self.weight = w.detach().to(device=device, dtype=dtype)
         self.padding, self.dilation, self.groups = padding, dilation, groups
         weff = effective_kernel(self.weight, dilation, groups)
+        self._weff = weff
         C_out, C_in, kh, kw = (int(s) for s in weff.shape)
         _, H, W = in_shape
         self.geo = padded_torus((H, W), (kh, kw), padding, torus)
@@ -97,6 +107,12 @@ class PaddedConvSolver:
         self.in_shape, self.out_shape = (C_in, H, W), (C_out, Ho, Wo)
         self.torus = self.geo.torus
         self.device, self.dtype = torch.device(device), dtype
+        # W a by FFTs when cheaper than the direct conv; flops a sample (float64 conv runs at about
+        # half the FFT path's rate here): conv 2 C_out C_in k² H_out W_out; FFTs 5 (C_in + C_out)
+        # T log₂T plus the per-frequency product 8 C_out C_in F (measured on the benchmark layers)
+        T2, F = self.torus[0] * self.torus[1], self.torus[0] * (self.torus[1] // 2 + 1)
+        self.fft_forward = (5 * (C_in + C_out) * T2 * np.log2(T2) + 8 * C_out * C_in * F
+                            < 2 * C_out * C_in * kh * kw * Ho * Wo)
         # the circular conv C on the torus (spectra + per-frequency SVDs) — the paper's machinery
         self.fs = FFTConvSolver(weff, (C_in,) + self.torus, reg=reg, device=device, dtype=dtype)
         # the direct conv, for residuals (refinement, PCG): same W, no FFT round trips
@@ -125,6 +141,11 @@ class PaddedConvSolver:
         keep = ~np.isin(self.geo.rows[:, None] * self.torus[1] + self.geo.cols[None, :], self.boundary)
         self._zero_rows = None if keep.all() else torch.as_tensor(keep, device=self.device, dtype=dtype)
         self._P = torch.as_tensor(self.ring, device=self.device)
+        if self.fft_forward:  # K̂ with the outputs' torus offset folded in (torus_forward)
+            ph = np.conj(shift_phase(self.torus, (self.geo.rows[0], self.geo.cols[0])))
+            kh = self.fs.khat
+            self._KF = (kh * torch.from_numpy(ph).to(kh.device, kh.dtype)[..., None, None]).reshape(
+                (-1,) + tuple(kh.shape[2:])).contiguous()
         self._rows = torch.as_tensor(self.geo.rows, device=self.device)
         self._cols = torch.as_tensor(self.geo.cols, device=self.device)
         self.reg, self.lam, self.cond_est = reg, 0.0, (float("nan"), float("nan"))
@@ -137,7 +158,10 @@ class PaddedConvSolver:
             )
         self.method = "capacitance" if (method == "capacitance" or
                                         (method == "auto" and self.need_bytes <= max_bytes)) else "pcg"
-        if self.method == "capacitance":
+        self._sq = None if self.method != "capacitance" else square_solver(self, square, (Un, sn, Vhn), row_chunk)
+        if self._sq is not None:
+            self.cond_est = (self._sq.cond_est,)
+        if self.method == "capacitance" and self._sq is None:
             self.lam = 0.0 if self.singular_freqs == 0 else reg * self.s_max**2
             ok = self._factor(Un, sn, Vhn, row_chunk)
             if ok and self.lam == 0.0 and (max(self.cond_est) > SINGULAR_COND
@@ -154,8 +178,10 @@ class PaddedConvSolver:
             raise ValueError(f"PaddedConvSolver: refine must be 'auto', True or False, got {refine!r}")
         # eps·cond(capacitance) overestimates the direct solve's relative error by ~10–100x
         # (measured); above 1e-12 one or two refinement steps bring it to ~eps·cond(W).
-        self.refine = (bool(refine) if refine != "auto" else
-                       self.method == "capacitance" and np.finfo(np.float64).eps * max(self.cond_est) > 1e-12)
+        # The square path is not of normal-equations type: its direct error measured ≤ 2e-3·eps·cond_est
+        # (4e-13 – 2e-12 on the benchmark's square layers), so it refines above eps·cond_est = 1e-8.
+        self.refine = (bool(refine) if refine != "auto" else self.method == "capacitance" and
+                       np.finfo(np.float64).eps * max(self.cond_est) > (1e-8 if self._sq is not None else 1e-12))
         self.factor_seconds = time.perf_counter() - t0
 
     # ------------------------------------------------------------------ construction
@@ -171,9 +197,9 @@ class PaddedConvSolver:
         cdt = self.fs.khat.dtype
         to = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(self.device, cdt)
         Ah, Gh, Zh = to(A), to(G), to(Z)
-        # per-batch products: [Â; Ĝ] on Sᵀ r̃ (right-hand sides), [Ĝ, Ẑ_s] on (c, E_P x_P) (lift back)
-        self._AG = torch.cat([Ah, Gh], dim=-2).contiguous()
-        self._GZ = torch.cat([Gh, Zh], dim=-1).contiguous()
+        # per-batch maps on the small side (lift.py): one Gram inverse, spatial boundary / ring taps
+        self._maps = TorusLift(self.case, self._weff, self.fs.khat, (Un, sn, Vhn), self.lam, self.s_max, self.torus,
+                               (self.H, self.W), self.geo.rows, self.geo.cols, self.boundary, self.ring)
         Th, Tw = self.torus
         spatial = lambda M: torch.fft.irfft2(M.permute(2, 3, 0, 1), s=(Th, Tw)).reshape(M.shape[2], M.shape[3], -1)
         B, P = all_channels(self.C_out, self.boundary), np.divmod(self.ring, self.torus[0] * self.torus[1])
@@ -225,9 +251,15 @@ class PaddedConvSolver:
         return c[:, :, : self.H, : self.W]
 
     def forward(self, a: torch.Tensor) -> torch.Tensor:
-        """``W a`` by the direct torch conv (cheaper than the torus FFTs for small batches);
-        with ``fixed_zero``, ``W D`` (``D`` the diagonal 0/1 mask of the free entries)."""
-        return self._op.apply(a if self._mask is None else a * self._mask)
+        """``W a`` — with ``fixed_zero``, ``W D`` (``D`` the diagonal 0/1 mask of the free entries).
+
+        By the torus FFTs (:meth:`.TorusLift.forward`) or the direct torch conv, whichever the
+        flop model says is cheaper (:attr:`fft_forward`); both are exact to rounding.
+        """
+        a = a if self._mask is None else a * self._mask
+        if self.fft_forward:
+            return torus_forward(self._KF, a.to(device=self.device, dtype=self.dtype), self.torus, self.out_shape[1:])
+        return self._op.apply(a)
 
     def adjoint(self, y: torch.Tensor) -> torch.Tensor:
         """``Wᵀ y`` (``D Wᵀ y`` with ``fixed_zero``) by the direct transposed conv."""
@@ -235,33 +267,24 @@ class PaddedConvSolver:
         return x if self._mask is None else x * self._mask
 
     # ------------------------------------------------------------------ per batch
-    def _rhs(self, rt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``((A Sᵀ r̃)_B, −(G Sᵀ r̃)_P)`` — one FFT round trip over C_out + C_in channels."""
-        N = rt.shape[0]
-        u = self._irfft(self._mul(self._AG, self._rfft(self.place(rt)))).reshape(N, self.C_out + self.C_in, -1)
-        return u[:, : self.C_out, self._B].reshape(N, -1), -u[:, self.C_out:].reshape(N, -1)[:, self._P]
-
-    def _lift(self, rt: torch.Tensor, xB: torch.Tensor, xP: torch.Tensor) -> torch.Tensor:
-        """``Eᵀ (G (Sᵀ r̃ + E_B x_B) + Z_s E_P x_P)`` — one FFT round trip."""
-        N = rt.shape[0]
-        ring = rt.new_zeros((N, self.C_in * self.torus[0] * self.torus[1]))
-        ring[:, self._P] = xP
-        c = torch.cat([self.place(rt), ring.view((N, self.C_in) + self.torus)], dim=1)
-        c.view(N, self.C_out + self.C_in, -1)[:, : self.C_out, self._B] = xB.reshape(N, self.C_out, -1)
-        return self._irfft(self._mul(self._GZ, self._rfft(c)))[:, :, : self.H, : self.W]
-
     def tikhonov(self, r: torch.Tensor, chunk: int = 64) -> torch.Tensor:
         """``W⁺ r`` (λ = 0) or ``(WᵀW + λI)⁻¹ Wᵀ r``: (N, *out_shape) → (N, *in_shape).
 
-        FFT stages run ``chunk`` samples at a time; the capacitance solve once for the batch.
+        ``chunk`` samples at a time: right-hand sides (:meth:`.TorusLift.rhs`), the capacitance
+        solve, the lift back (:meth:`.TorusLift.lift`) — memory bounded by the chunk.
         """
+        if self._sq is not None:  # square W: W⁻¹ r directly (square.py)
+            return torch.cat([self._sq.solve(r[k:k + int(chunk)]) for k in range(0, r.shape[0], int(chunk))])
         rt = r / self.s_max
         if self._zero_rows is not None:  # zero rows of W: W⁺ ignores them (ring_entries)
             rt = rt * self._zero_rows
-        N, ch = r.shape[0], int(chunk)
-        parts = [self._rhs(rt[k:k + ch]) for k in range(0, N, ch)]
-        xB, xP = self._qd.solve(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
-        return torch.cat([self._lift(rt[k:k + ch], xB[k:k + ch], xP[k:k + ch]) for k in range(0, N, ch)])
+        N, ch, maps = r.shape[0], int(chunk), self._maps
+        out = []
+        for k in range(0, N, ch):
+            bB, bP, Y = maps.rhs(rt[k:k + ch])
+            xB, xP = self._qd.solve(bB, bP)
+            out.append(maps.lift(Y, xB, xP))
+        return torch.cat(out) if len(out) > 1 else out[0]
 
     def _check_r(self, r: Any, chunk: int) -> torch.Tensor:
         r = backend.to_torch(r) if not isinstance(r, torch.Tensor) else r
@@ -307,7 +330,12 @@ class PaddedConvSolver:
                "tikhonov_lambda": self.lam, "refine": bool(getattr(self, "refine", False)),
                "singular_frequencies": self.singular_freqs,
                "factor_seconds": getattr(self, "factor_seconds", float("nan"))}
-        if self.method == "capacitance":
+        if self._sq is not None:
+            out["capacitance_cond_est"] = max(self.cond_est)
+            out["square_system_size"] = self.mB  # capacitance_size stays the lifted system's m
+            out["algorithm"] = ("square W: W⁻¹ = N_IV − N_IB N_PB⁻¹ N_PV (complementary block of C⁻¹ = N; "
+                                "one LU of the boundary block)")
+        elif self.method == "capacitance":
             out["capacitance_cond_est"] = max(self.cond_est)
             out["algorithm"] = ("padded capacitance (Schur complement of (CCᵀ)⁻¹ on B, bordered by the ring)"
                                 if self.case == "MDP" else

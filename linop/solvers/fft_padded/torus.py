@@ -222,21 +222,36 @@ def gather(q: torch.Tensor, rows: tuple[np.ndarray, np.ndarray], cols: tuple[np.
     """Explicit block ``M[(i, p), (j, p')] = q_ij(p − p')`` of a block-circulant operator.
 
     ``q`` (p, r, T_h·T_w) is its spatial kernel (``F⁻¹`` of the per-frequency matrices);
-    ``rows`` / ``cols`` are ``(channels, flat torus positions)`` pairs.  Built ``row_chunk``
-    rows at a time (bounded temporary memory).
+    ``rows`` / ``cols`` are ``(channels, flat torus positions)`` pairs.  The distinct row and
+    column positions give a small table of torus differences; each chunk of ``row_chunk`` rows
+    is one flat ``take`` over every column channel at the distinct column positions, then the
+    requested columns (bounded temporary memory: ``row_chunk · r · #positions`` entries).
     """
     Th, Tw = torus
     (ci, pi), (cj, pj) = rows, cols
     out = torch.empty((ci.size, cj.size), dtype=q.dtype, device=q.device)
     if out.numel() == 0:
         return out
-    rr, rc = np.divmod(pi, Tw)
-    cr, cc = np.divmod(pj, Tw)
-    CI, CJ = torch.as_tensor(ci, device=q.device), torch.as_tensor(cj, device=q.device)[None, :]
-    for i0 in range(0, ci.size, max(1, row_chunk)):  # loop over row chunks, not entries
-        i1 = min(ci.size, i0 + max(1, row_chunk))
-        diff = ((rr[i0:i1, None] - cr[None, :]) % Th) * Tw + (rc[i0:i1, None] - cc[None, :]) % Tw
-        out[i0:i1] = q[CI[i0:i1, None], CJ, torch.as_tensor(diff, device=q.device)]
+    ur, ri = np.unique(pi, return_inverse=True)
+    uc, cx = np.unique(pj, return_inverse=True)
+    (rr, rc), (cr, cc) = np.divmod(ur, Tw), np.divmod(uc, Tw)
+    diff = ((rr[:, None] - cr[None, :]) % Th) * Tw + (rc[:, None] - cc[None, :]) % Tw  # (#row pos, #col pos)
+    r_, T2 = int(q.shape[1]), int(q.shape[2])
+    dev = q.device
+    D = torch.as_tensor(diff, device=dev)
+    base_c = (torch.arange(r_, device=dev) * T2)[None, :, None]
+    cols_all = np.asarray(cj, dtype=np.int64) * uc.size + cx.reshape(-1)  # (channel, column position) → flat
+    structured = cols_all.size == r_ * uc.size and bool((cols_all == np.arange(cols_all.size)).all())
+    csel = None if structured else torch.as_tensor(cols_all, device=dev)
+    qf = q.reshape(-1)
+    CI = torch.as_tensor(np.asarray(ci, dtype=np.int64) * (r_ * T2), device=dev)
+    RI = torch.as_tensor(ri.reshape(-1), device=dev)
+    step = max(1, int(row_chunk))
+    for i0 in range(0, ci.size, step):  # loop over row chunks, not entries
+        i1 = min(ci.size, i0 + step)
+        idx = CI[i0:i1, None, None] + base_c + D[RI[i0:i1]][:, None, :]  # (k, r, #col pos)
+        blk = qf[idx].reshape(i1 - i0, -1)
+        out[i0:i1] = blk if csel is None else blk[:, csel]
     return out
 
 
