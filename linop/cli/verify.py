@@ -47,6 +47,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: compact files, median located to a 0.001-decade bin)")
     add_execution_arguments(parser, "(image, dtype)")
     parser.add_argument("--memory-budget", type=str, default="2GiB", help="e.g. 2GiB, 512MiB")
+    parser.add_argument("--heap", choices=("system", "retain"), default="system",
+                        help="system (default): the C library's allocator defaults; retain: the computing "
+                             "processes keep freed tangent batches (~1.4x less CPU per image on ResNet20, but "
+                             "the resident size stays at its high-water mark plus fragmentation)")
     parser.add_argument("--include-first-conv", action="store_true", help="also verify the first conv layer")
     parser.add_argument("--figure-layer", type=str, default=None, help="layer of the Fig. E.1 figure")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -155,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
                      threshold=args.threshold, skip_first_conv=not args.include_first_conv,
                      memory_budget=args.memory_budget, figure_layer=args.figure_layer, name=desc,
                      indices=idx, keep_eps=args.keep_eps, executor=args.scheduler, workers=args.workers,
-                     device=args.device)
+                     device=args.device, heap=args.heap)
     except (KeyError, *runtime_errors()) as exc:
         # a key missing from a checkpoint's metadata, Dask missing, no scheduler at the address,
         # a worker that died repeatedly (finished results are kept): one line, exit 2
