@@ -52,10 +52,12 @@ import torch
 
 from .network.graph import EquivalentNetwork, LinearNode
 from .linearize import Linearisation, check_piecewise_linear, linearise
+from .linearize.schedule import PLAN_RESERVE
+from .linearize.sweep import release_memory
 from . import validate
 from .utils import gib, parse_memory
 
-__all__ = ["BackMap", "backmap", "reconstructed_activations", "MODES"]
+__all__ = ["BackMap", "backmap", "reconstructed_activations", "verification_plan", "verification_passes", "MODES"]
 
 MODES = ("RM0", "RM1", "RM2", "RM3", "RM4")
 #: below this many selected RM2/RM0 units the reverse mode (one VJP per unit) is used
@@ -181,8 +183,11 @@ def backmap(
             f"or raise memory_budget")
     if not stream:
         return _compute(lin, layer, mode, sel, method, in_shape, out_shape)
-    # the forward sweep's own footprint comes out of the same budget
-    sweep = lin.plan([layer])["peak_bytes"] if mode in ("RM0", "RM2") and _use_forward(method, sel.numel()) else 0
+    # the forward sweep's peak is bounded by the budget on its own (chunked steps); while the
+    # chunks are formed, what stays of it is the layer's compressed Jacobian (its state)
+    sweep = 0
+    if mode in ("RM0", "RM2") and _use_forward(method, sel.numel()):
+        sweep = lin.plan([layer])["state_bytes"][lin.net.unit_node(layer).name]
     if per > budget - sweep:
         raise ValueError(f"one {mode} row of {layer} needs {gib(per)} (+ {gib(sweep)} for the linearisation) "
                          f"> memory_budget={gib(budget)}; raise memory_budget")
@@ -231,7 +236,7 @@ def _compute(lin: Linearisation, layer: str, mode: str, sel: torch.Tensor, metho
     k = sel.numel()
     dev = lin.x.device
     if mode in ("RM0", "RM2"):
-        if _use_forward(method, k):
+        if LJ is not None or _use_forward(method, k):  # a stream's chunks all read its one sweep
             LJ = LJ if LJ is not None else lin.layer(layer)
             HI, Hb = LJ.image(sel).reshape((k,) + tuple(lin.net.input_shape)), LJ.bias(sel)
         else:
@@ -272,6 +277,88 @@ def _compute(lin: Linearisation, layer: str, mode: str, sel: torch.Tensor, metho
     return BackMap(HI, Hb, layer, mode, sel, layout, lin.scale)
 
 
+def verification_passes(lin: Linearisation, layers: Sequence[str]) -> dict[str, Any]:
+    r"""Split the forward sweep of ``layers`` into passes whose memory plans fit the budget.
+
+    A pass is ``(channels, bias, bias_cols)`` of :meth:`Linearisation.sweep`; the passes cover
+    every image channel and every bias column exactly once, so
+    ``ĉ = Σ_passes <[x; x_b], H_pass>`` — exact in exact arithmetic (the Jacobian is the sum of
+    its column blocks; in floating point the sums are regrouped, which changes ĉ by rounding only).
+    In order of preference:
+
+    1. one pass (every temporary is already bounded by the chunk sizes of
+       :func:`linop.linearize.schedule.memory_plan`; only the states can exceed the budget);
+    2. groups of ``m`` image channels (``m`` as large as fits), the bias columns in group 0 —
+       whose plan is estimated with its bias tangents;
+    3. when one channel with the bias tangents does not fit: image passes without bias
+       (``bias=False``), then bias-only passes (``channels=[]``) over ``q`` contiguous
+       blocks of ``x_b``'s columns (``q`` doubled until every block fits).
+
+    Raises ValueError, naming the size and the way out, when one channel or one bias column
+    alone does not fit.  Returns ``{"passes": [...], "peak_bytes": max over the passes}``."""
+    C = lin.image_shape[0]
+    nb = lin.net.n_bias
+    allc = list(range(C))
+    budget = lin.memory_budget
+
+    def refuse(what: str, p: dict) -> ValueError:
+        need = p["peak_bytes"] / (1.0 - PLAN_RESERVE)
+        return ValueError(
+            f"verification of {len(layers)} layer(s) up to {layers[-1]!r} needs ~{gib(need)} with {what} "
+            f"per pass (the compressed tangent states alone, evaluated one tangent at a time, and a "
+            f"{PLAN_RESERVE:.0%} reserve) > memory_budget={gib(budget)}; raise memory_budget to at least "
+            f"{gib(need)}, or verify fewer layers at a time (layers=[...])")
+
+    one = lin.plan(layers)
+    if one["fits"]:
+        return {"passes": [(None, True, None)], "peak_bytes": one["peak_bytes"]}
+    for m in range(C - 1, 0, -1):
+        g0 = lin.plan(layers, channels=m, bias=True)
+        if g0["fits"]:
+            groups = [allc[a:a + m] for a in range(0, C, m)]
+            peak = g0["peak_bytes"]
+            if len(groups) > 1:
+                peak = max(peak, lin.plan(layers, channels=m, bias=False)["peak_bytes"])
+            return {"passes": [(groups[0], True, None)] + [(g, False, None) for g in groups[1:]], "peak_bytes": peak}
+    # the bias tangents in passes of their own
+    img = None
+    for m in range(C, 0, -1):
+        img = lin.plan(layers, channels=m, bias=False)
+        if img["fits"]:
+            break
+    if img is None or not img["fits"]:
+        raise refuse("one image channel", img if img is not None else one)
+    passes: list = [(allc[a:a + m], False, None) for a in range(0, C, m)]
+    peak = img["peak_bytes"]
+    q = 1
+    while True:
+        blocks = [b for b in np.array_split(np.arange(nb), q) if b.size]
+        plans = [lin.plan(layers, channels=[], bias=True, bias_cols=b) for b in blocks]
+        if all(p["fits"] for p in plans):
+            return {"passes": passes + [([], True, b.tolist()) for b in blocks],
+                    "peak_bytes": max([peak] + [p["peak_bytes"] for p in plans])}
+        if q >= nb:
+            raise refuse("one bias column", max(plans, key=lambda p: p["peak_bytes"]))
+        q = min(nb, 2 * q)
+
+
+def verification_plan(net: EquivalentNetwork, x: Any, layers: Sequence[str] | None = None, scale: float = 1.0,
+                      dtype: Any = None, memory_budget: Any = "2GiB",
+                      linearisation: Linearisation | None = None) -> dict[str, Any]:
+    """The passes and the planned peak memory (bytes) of :func:`reconstructed_activations` with
+    the same arguments (:func:`verification_passes`); raises its ValueError when nothing fits."""
+    lin = _linearisation(net, x, scale, dtype, parse_memory(memory_budget), linearisation)
+    return verification_passes(lin, _check_layers(lin, layers))
+
+
+def _check_layers(lin: Linearisation, layers: Sequence[str] | None) -> list[str]:
+    layers = list(layers) if layers is not None else lin.unit_layers
+    for l in layers:
+        if l not in lin.unit_layers:
+            raise ValueError(f"unknown unit layer {l!r}; this network has {lin.unit_layers}")
+    return layers
+
+
 def reconstructed_activations(
     net: EquivalentNetwork,
     x: Any,
@@ -291,28 +378,30 @@ def reconstructed_activations(
     ``linearisation``: an existing ``linearise(net, x, ...)`` to reuse (``x`` may then be
     None; its ``scale`` / ``dtype`` / ``memory_budget`` apply).
 
+    Memory: the sweep's peak is planned before anything is allocated and bounded by
+    ``memory_budget`` — chunked evaluation inside each node's step, and, when the tangent
+    states themselves do not fit, several passes over image-channel groups and bias-column
+    blocks whose contributions add up (:func:`verification_passes`); ValueError with the
+    size when even one channel or one bias column does not fit.
+
     Returns
     -------
     dict layer -> (c, c_hat)
     """
     lin = _linearisation(net, x, scale, dtype, parse_memory(memory_budget), linearisation)
-    layers = list(layers) if layers is not None else lin.unit_layers
-    for l in layers:
-        if l not in lin.unit_layers:
-            raise ValueError(f"unknown unit layer {l!r}; this network has {lin.unit_layers}")
+    layers = _check_layers(lin, layers)
+    plan = verification_passes(lin, layers)
     c = lin.preactivations()
     out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     x_b = lin.x_b
-    groups: list = [None]
-    C = lin.image_shape[0]
-    if lin.plan(layers)["peak_bytes"] > lin.memory_budget and C > 1:
-        groups = [[ch] for ch in range(C)]  # column groups: one image channel at a time
     acc: dict[str, torch.Tensor] = {}
-    for gi, ch in enumerate(groups):
-        bias = gi == 0
-        for LJ in lin.sweep(layers, channels=ch, bias=bias):  # re-checks the budget
+    for ch, bias, cols in plan["passes"]:
+        for LJ in lin.sweep(layers, channels=ch, bias=bias, bias_cols=cols):
             part = LJ.dot(lin.x, x_b if bias else None)
             acc[LJ.name] = acc[LJ.name] + part if LJ.name in acc else part
+            del LJ  # the sweep frees states its later nodes no longer read: hold none of them here
+        if len(plan["passes"]) > 1:
+            release_memory()  # the pass's states are gone: give their pages back before the next
     for l in layers:
         out[l] = (c[l], acc[l])
     return out

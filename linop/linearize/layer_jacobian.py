@@ -70,6 +70,8 @@ class LayerJacobian:
     cols: torch.Tensor
     #: the node's x-independent geometry (index caches); None when built by hand
     geom: Any = field(default=None, repr=False, compare=False)
+    #: tangents per chunk of :meth:`dot`'s elementwise products (the sweep's memory plan); None: all
+    chunk: int | None = field(default=None, repr=False, compare=False)
 
     @property
     def Ti(self) -> torch.Tensor:
@@ -301,12 +303,18 @@ class LayerJacobian:
                 X = pix(self.ox[:S].to(x.device), Px, self.rx, W)
                 flat = (Y[:, None, :] * (W + 1) + X[None, :, :]).reshape(-1)  # (Py·Px·S,), x-independent
                 cache[key] = flat
-            xg = xp.reshape(nc, -1).index_select(1, flat)
+            xg = xp.reshape(nc, (H + 1) * (W + 1)).index_select(1, flat)
+            n = nc * Py * Px
+            k = n if self.chunk is None else max(1, min(n, int(self.chunk)))  # bounds the product's size
+            xg = xg.reshape(n, S)
             if Tcl is not None and (G, S) == (Tcl.shape[2], Tcl.shape[1]):
                 # channels-last: Σ_{c,colour} T[(c, colour), s, g]·x[c, colour, s] in the stored order
-                out = (Tcl * xg.reshape(nc * Py * Px, S, 1)).sum(0).t().reshape(U)
+                acc = sum((Tcl[a:a + k] * xg[a:a + k, :, None]).sum(0) for a in range(0, n, k))
+                out = (acc if n else Tcl.new_zeros(S, G)).t().reshape(U)
             else:
-                out = (self.Ti.reshape(nc, Py * Px, G, S) * xg.reshape(nc, Py * Px, 1, S)).sum(dim=(0, 1)).reshape(U)
+                T3 = self.T.reshape(n, G, S)
+                acc = sum((T3[a:a + k] * xg[a:a + k, None, :]).sum(0) for a in range(0, n, k))
+                out = (acc if n else T3.new_zeros(G, S)).reshape(U)
         if x_b is not None and self.cols.numel():
             xb = x_b.to(self.B).reshape(-1)[self.cols.to(x.device)]
             Bcl = self._cl_view(self.B)

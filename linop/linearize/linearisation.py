@@ -162,45 +162,70 @@ class Linearisation:
         geom = None if mode == "identity" else self.geometry()
         return _schedule.periods(self._needed(names), names, geom, self.image_shape, mode)
 
-    def plan(self, targets: Sequence[str] | None = None, schedule: str = "auto") -> dict[str, Any]:
-        """Periods and an estimate of the peak memory (bytes) of a forward sweep.
+    def plan(self, targets: Sequence[str] | None = None, schedule: str = "auto", channels: Any = None,
+             bias: bool = True, bias_cols: Any = None) -> dict[str, Any]:
+        """Periods, chunk sizes and the peak memory (bytes) of a forward sweep under the budget.
 
         ``schedule``: "auto" (the cost-model schedule, unless its peak exceeds the memory
         budget, then "lazy" if that needs less), "lazy" or "identity" (the dense identity
-        batch, seed 000 Algorithm 1)."""
+        batch, seed 000 Algorithm 1).  ``channels``: the image channels of the pass (a count or
+        a list; default all); ``bias`` / ``bias_cols``: whether bias tangents start, and which
+        columns of ``x_b`` (default all).  The terms of the estimate and how the chunk sizes
+        bound it: :func:`linop.linearize.schedule.memory_plan`, planned within
+        ``(1 - PLAN_RESERVE)·memory_budget`` (:data:`linop.linearize.schedule.PLAN_RESERVE`:
+        10 % left for what the plan does not count).  ``fits``: False when the states alone
+        exceed that (a sweep refuses; use fewer channels / columns per pass)."""
         if schedule not in _schedule.SCHEDULES:
             raise ValueError(f"schedule must be one of {_schedule.SCHEDULES}, got {schedule!r}")
         names = [self.node_of(t).name for t in (targets or self.unit_layers)]
         nodes = self._needed(names)
         geom = None if schedule == "identity" else self.geometry()
         period = _schedule.periods(nodes, names, geom, self.image_shape, schedule)
-        new_bias = {n.name: len(bias_columns(self._local[n.name])) for n in nodes if n.reads_bias}
+        nc = self.image_shape[0] if channels is None else (
+            int(channels) if isinstance(channels, (int, np.integer)) else len(list(channels)))
+        allowed = None if bias_cols is None else np.unique(np.asarray(list(bias_cols), dtype=np.int64))
+        new_cols: dict[str, np.ndarray] = {}
+        if bias:
+            for n in nodes:
+                if n.reads_bias:
+                    c = np.asarray(bias_columns(self._local[n.name]), dtype=np.int64)
+                    new_cols[n.name] = c if allowed is None else np.intersect1d(c, allowed)
         item = torch.empty(0, dtype=self.dtype).element_size()
-        out = _schedule.memory_plan(nodes, period, new_bias, self.net.n_bias, self.image_shape[0], item)
+        budget = int(self.memory_budget * (1.0 - _schedule.PLAN_RESERVE))  # the rest: what the plan does not count
+        out = _schedule.memory_plan(nodes, period, new_cols, self.net.n_bias, nc, item, budget=budget,
+                                    targets=names, ops={n.name: self._local[n.name] for n in nodes if n.inputs})
         out["schedule"] = schedule
-        if schedule == "auto" and out["peak_bytes"] > self.memory_budget:
-            lazy = self.plan(targets, schedule="lazy")  # jumping ahead costs memory: fall back
+        out["new_cols"] = new_cols
+        out["n_bias"] = int(sum(c.size for c in new_cols.values()))
+        if schedule == "auto" and not out["fits"]:
+            lazy = self.plan(targets, "lazy", channels, bias, bias_cols)  # jumping ahead costs memory: fall back
             if lazy["peak_bytes"] < out["peak_bytes"]:
                 return lazy
         return out
 
     # ---------------------------------------------------------------- forward sweep
     def sweep(self, layers: Sequence[str] | None = None, channels: Sequence[int] | None = None,
-              bias: bool = True, check_memory: bool = True, schedule: str = "auto") -> Iterator[LayerJacobian]:
+              bias: bool = True, check_memory: bool = True, schedule: str = "auto",
+              bias_cols: Sequence[int] | None = None) -> Iterator[LayerJacobian]:
         """Forward pass of compressed tangents; yields a :class:`LayerJacobian` for every
         requested unit layer (or node name), in topological order.
 
         Parameters
         ----------
         layers : unit-layer or node names (default: every unit layer).
-        channels : image channels to include (column groups; default all).
+        channels : image channels to include (column groups; default all; ``[]``: none — a
+            bias-only pass).
         bias : include the bias columns.
-        check_memory : refuse (ValueError) when the estimated peak exceeds the budget.
+        check_memory : refuse (ValueError) when the states alone exceed the budget (every
+            temporary is bounded by the plan's chunk sizes, :meth:`plan`).
         schedule : "auto" (cost-model periods), "lazy" (smallest periods) or "identity"
             (``P = (H, W)`` everywhere: the paper's identity-batch Jacobian, seed 000
             Algorithm 1); all give the same Jacobians, they differ only in speed and memory.
+        bias_cols : with ``bias``, the columns of ``x_b`` whose tangents to include (default
+            all); the Jacobian's other bias columns come back as zero.  Column groups of a pass
+            add up: ``J = Σ_passes J_pass`` exactly, since each column is in one pass.
         """
-        return _sweep(self, layers, channels, bias, check_memory, schedule)
+        return _sweep(self, layers, channels, bias, check_memory, schedule, bias_cols)
 
     def layer(self, layer: str, channels: Sequence[int] | None = None, bias: bool = True) -> LayerJacobian:
         """The :class:`LayerJacobian` of one unit layer (a sweep that stops there)."""

@@ -25,7 +25,8 @@ import numpy as np
 from ..network.geometry import Window
 from ..network.node import Node
 
-__all__ = ["SCHEDULES", "COST_GATHER", "COST_ELEMENTWISE", "periods", "memory_plan"]
+__all__ = ["SCHEDULES", "COST_GATHER", "COST_ELEMENTWISE", "PLAN_RESERVE", "periods", "memory_plan", "recolour_walk",
+           "conv_workspace"]
 
 SCHEDULES = ("auto", "lazy", "identity")
 
@@ -37,6 +38,13 @@ COST_GATHER = 300.0
 COST_ELEMENTWISE = 100.0
 
 Period = tuple[int, int]
+
+#: share of ``memory_budget`` the sweep's plan leaves unplanned: what :func:`memory_plan` does
+#: not count — the allocator's fragmentation between chunk-sized blocks (glibc keeps blocks below
+#: its mmap threshold in the heap), the linearisation's local operators, the network's geometry,
+#: the import-time and first-call state of torch — up to ~9 % of a 1 GiB budget on ResNet20 float64
+#: (``python -m bench.memory``)
+PLAN_RESERVE = 0.10
 
 
 def periods(nodes: Sequence[Node], targets: Sequence[str], geom: dict[str, Window] | None,
@@ -174,29 +182,157 @@ def _dp_round(order: Sequence[Node], nodes: Sequence[Node], geom: dict[str, Wind
     return assign
 
 
-def memory_plan(nodes: Sequence[Node], period: dict[str, Period], new_bias: dict[str, int], n_bias: int,
-                channels: int, itemsize: int) -> dict[str, Any]:
-    """Peak memory (bytes) of a sweep with the given periods: states live until their last
-    consumer has run, and recoloured inputs are temporaries of the recoloured size.
+def recolour_walk(nodes: Sequence[Node], period: dict[str, Period]) -> list[list[tuple[str, Period, bool]]]:
+    """Per node (in order), per input ``j``: ``(j, period of j's state when the node runs, keep)``.
 
-    ``new_bias``: per node, the number of bias columns whose tangents start there."""
-    nb: dict[str, int] = {}
-    size: dict[str, int] = {}
-    for n in nodes:
-        nb[n.name] = min(sum(nb[i] for i in n.inputs) + new_bias.get(n.name, 0), n_bias)
-        P = period[n.name]
-        size[n.name] = (channels * P[0] * P[1] + nb[n.name]) * int(np.prod(n.out_shape)) * itemsize
+    Before a node whose period ``Pn`` exceeds an input's, the input is recoloured; ``keep``: the
+    recoloured state replaces the input's for its later consumers (every later consumer — a
+    residual skip — reads ``j`` at a period ``>= Pn``), so the same gather is never done twice.
+    The one rule the sweep (:mod:`linop.linearize.sweep`) and the memory plan both follow."""
+    pos = {n.name: k for k, n in enumerate(nodes)}
     last = {j: i for i, n in enumerate(nodes) for j in n.inputs}
-    live, peak = 0, 0
+    consumers: dict[str, list[str]] = {}
+    for n in nodes:
+        for j in n.inputs:
+            consumers.setdefault(j, []).append(n.name)
+    cur = {n.name: period[n.name] for n in nodes}
+    out: list[list[tuple[str, Period, bool]]] = []
+    for i, n in enumerate(nodes):
+        Pn = period[n.name]
+        row = []
+        for j in n.inputs:
+            Pj = cur[j]
+            keep = Pj != Pn and last[j] > i and all(
+                period[c][0] >= Pn[0] and period[c][1] >= Pn[1] for c in consumers[j] if pos[c] > i)
+            row.append((j, Pj, keep))
+        for j, Pj, keep in row:
+            if keep:
+                cur[j] = Pn
+        out.append(row)
+    return out
+
+
+def conv_workspace(op: Any, itemsize: int) -> int:
+    """Elements of torch's own workspace per tangent of a convolution ``op`` (0 for other ops).
+
+    CPU float64 (and any dtype without oneDNN) runs ``slow_conv2d``: an im2col column buffer of
+    ``C_in·k_h·k_w·H_out·W_out`` elements per batch entry for the whole batch before the GEMMs
+    (measured: a float64 3×3 conv of a 32 MB batch grows the RSS by 9 × 32 MB + the output).
+    oneDNN (float32 on the CPU) works without columns; its layout reorders are covered by the
+    generic one-input-one-output temporaries of :func:`memory_plan`."""
+    from ..operators.conv import Conv2d
+
+    if not isinstance(op, Conv2d):
+        return 0
+    import torch
+
+    if itemsize == 4 and torch.backends.mkldnn.is_available():
+        return 0
+    kh, kw = op.kernel_size
+    return int(op.weight.shape[1]) * int(op.groups) * kh * kw * int(np.prod(op.out_shape[1:]))
+
+
+def memory_plan(nodes: Sequence[Node], period: dict[str, Period], new_cols: dict[str, np.ndarray], n_bias: int,
+                channels: int, itemsize: int, budget: int | None = None, targets: Sequence[str] = (),
+                ops: dict[str, Any] | None = None) -> dict[str, Any]:
+    r"""Peak memory (bytes) of a sweep with the given periods, and the chunk sizes that bound it.
+
+    A node's *state* is its tangent batch, ``R_n = channels·P_y·P_x + b_n`` rows of
+    ``O_n = prod(out_shape)`` entries (``b_n``: the bias columns that reach it in this pass, from
+    ``new_cols`` — per bias-reading node, the columns of ``x_b`` whose tangents start there).
+    States live until their last consumer has run.  While node ``n`` runs, alive are
+
+    * ``L_n``: every live state (its inputs included),
+    * its output state ``R_n·O_n`` (preallocated; the chunks are written into it),
+    * the full recoloured image part of an input kept at the new period (``keep`` of
+      :func:`recolour_walk`: ``channels·P_n·O_j``; it replaces the input's afterwards),
+
+    and the temporaries of one chunk of ``k`` tangents, ``k·t_n`` entries with
+
+    .. math:: t_n = \sum_j O_j\,[\text{recoloured / expanded input rows}]
+                   + 2\,O_n\,[\text{the chunk's result, a second term of a sum}]
+                   + \sum_j O_j + O_n\,[\text{layout / padding copies}]
+                   + w_n,
+
+    ``w_n`` the convolution's own workspace per tangent (:func:`conv_workspace`: the im2col
+    columns, ``k_h·k_w·C_in·H_out·W_out``, of torch's non-oneDNN CPU convolution — a factor
+    ``k_h·k_w`` on the input, 9 for a 3×3 conv, the largest single term of a float64 sweep).
+    A recoloured input adds its chunk's gather index and mask, ``9·S_j`` bytes per tangent
+    (``S_j`` the spatial positions).  At a target node,
+    :meth:`LayerJacobian.dot <linop.linearize.LayerJacobian.dot>` adds a product of ``k·O_n``
+    entries per chunk and, below the full period, the gathered image pixels (``channels·P_n·S_n``
+    entries).  Throughout, the x-independent index caches that the geometry keeps (the recolour
+    index ``P_n·S_j`` of every raise and dot's pixel index ``P_n·S_n`` of every target below the
+    full period, int64) count as live.  With a ``budget`` the chunk is the largest ``k``
+    (at most ``R_n``) with ``L_n + R_n·O_n + keep + k·t_n <= budget``; without one, or when every
+    row fits, ``k = R_n`` (one chunk, no copy).  ``fits`` is False when even ``k = 1`` exceeds
+    the budget (the states alone do not fit: fewer channels / bias columns per pass).
+
+    Returns ``{"period", "n_bias_cols", "state_bytes", "rows", "chunk", "node_peak", "peak_bytes",
+    "fits"}`` (per node: periods, bias columns, state bytes, tangents ``R_n``, chunk ``k``, the
+    planned bytes while it runs).
+    """
+    item = itemsize
+    cols: dict[str, np.ndarray] = {}
+    size: dict[str, int] = {}
+    rows: dict[str, int] = {}
+    outn = {n.name: int(np.prod(n.out_shape)) for n in nodes}
+    empty = np.zeros(0, dtype=np.int64)
+    for n in nodes:
+        c = empty
+        for i in n.inputs:
+            c = np.union1d(c, cols[i])
+        c = np.union1d(c, new_cols.get(n.name, empty))
+        cols[n.name] = c
+        P = period[n.name]
+        rows[n.name] = channels * P[0] * P[1] + c.size
+        size[n.name] = rows[n.name] * outn[n.name] * item
+    walk = recolour_walk(nodes, period)
+    last = {j: i for i, n in enumerate(nodes) for j in n.inputs}
+    tset = set(targets)
+    spatial = {n.name: (int(n.out_shape[1]) * int(n.out_shape[2]) if len(n.out_shape) == 3 else outn[n.name])
+               for n in nodes}
+    # x-independent index caches kept on the geometry (they outlive the sweep): the recolour
+    # index (P_n², S_j) of every raise, and dot's (P², S) pixel index of every target below full size
+    cache = sum(period[n.name][0] * period[n.name][1] * spatial[j] * 8
+                for i, n in enumerate(nodes) for j, Pj, _ in walk[i] if Pj != period[n.name])
+    full = max(period.values())
+    cache += sum(period[t][0] * period[t][1] * spatial[t] * 8 for t in tset if t in period and period[t] != full)
+    live = cache
     alive: dict[str, int] = {}
+    live, peak, fits = 0, 0, True
+    chunk: dict[str, int] = {}
+    node_peak: dict[str, int] = {}
     for i, n in enumerate(nodes):
         P = period[n.name]
-        tmp = sum(size[j] * max(1, (P[0] * P[1]) // max(1, period[j][0] * period[j][1])) for j in n.inputs
-                  if period[j] != P)
-        live += size[n.name]
+        O = outn[n.name]
+        R = rows[n.name]
+        if not n.inputs:  # the input state: built dense, then laid out (two copies at once)
+            fixed, t = live + 2 * size[n.name], 0
+        else:
+            keep = sum(channels * P[0] * P[1] * outn[j] * item for j, Pj, kp in walk[i] if kp)
+            ins = sum(outn[j] for j in n.inputs)
+            ws = conv_workspace(ops.get(n.name) if ops else getattr(n, "op", None), item)
+            t = (2 * ins + 3 * O + ws + (O if n.name in tset else 0)) * item
+            t += sum(9 * spatial[j] for j, Pj, _ in walk[i] if Pj != P)  # a chunk's gather index and mask
+            fixed = live + size[n.name] + keep
+            if n.name in tset and P != full:  # dot's gathered image pixels, (channels·P², S)
+                fixed += channels * P[0] * P[1] * spatial[n.name] * item
+        k = R
+        if budget is not None and t and fixed + R * t > budget:
+            k = int((budget - fixed) // t)
+            if k < 1:
+                k, fits = 1, False
+        chunk[n.name] = max(1, min(k, R)) if n.inputs else rows[n.name]
+        node_peak[n.name] = int(fixed + chunk[n.name] * t)
+        peak = max(peak, node_peak[n.name])
+        for j, Pj, kp in walk[i]:  # a kept recoloured input replaces the input's state
+            if kp:
+                alive[j] = (channels * P[0] * P[1] + cols[j].size) * outn[j] * item
         alive[n.name] = size[n.name]
-        peak = max(peak, live + tmp)
         for j in n.inputs:
-            if last.get(j) == i and j in alive:
-                live -= alive.pop(j)
-    return {"period": dict(period), "n_bias_cols": nb, "state_bytes": size, "peak_bytes": peak}
+            if last.get(j) == i:
+                alive.pop(j, None)
+        live = cache + sum(alive.values())
+    return {"period": dict(period), "n_bias_cols": {k: int(v.size) for k, v in cols.items()}, "state_bytes": size,
+            "rows": rows, "chunk": chunk, "node_peak": node_peak, "peak_bytes": int(peak), "fits": fits}

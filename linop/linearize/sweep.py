@@ -7,10 +7,17 @@ layers at once: ``C·P_y·P_x`` image tangents instead of the ``C·H·W`` of the
 operator; before a node whose period exceeds its input's, the input is *recoloured* (one
 exact gather with an x-independent, cached index); a recoloured residual input is kept for its
 later consumers, so no gather is repeated.
+
+Memory: the plan (:func:`linop.linearize.schedule.memory_plan`) sizes, per node, the chunk of
+tangents its step evaluates at a time (the operator's own torch path on row slices, written into
+the preallocated output state), so that the live states plus one chunk's temporaries stay within
+``memory_budget``; a sweep refuses only when the states alone do not fit (then pass fewer image
+channels or bias columns: :func:`linop.hypersurface.verification_passes` does).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterator, Sequence
+import ctypes
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -18,6 +25,7 @@ import torch
 from ..network.geometry import full_window
 from ..utils import gib
 from .layer_jacobian import LayerJacobian
+from .schedule import PLAN_RESERVE, recolour_walk
 from .tangents import State, input_state, recolour, step
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -25,57 +33,77 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["sweep"]
 
+_NONE = np.zeros(0, dtype=np.int64)  # no bias column starts at the node in this pass
+
+
+def _malloc_trim() -> Callable[[], None]:
+    """glibc's ``malloc_trim(0)``, or a no-op elsewhere."""
+    try:
+        f = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return lambda: None
+    f.argtypes = [ctypes.c_size_t]
+    return lambda: f(0)
+
+
+#: hands the allocator's free pages back to the system.  glibc keeps freed blocks below its mmap
+#: threshold (dynamic, up to 32 MiB) in the heap, where fragmentation lets the RSS climb above the
+#: live tangents; when the memory budget binds (some node is chunked), the sweep calls this after
+#: every node that freed a state, so the RSS follows the memory plan.
+release_memory = _malloc_trim()
+
 
 def sweep(lin: "Linearisation", layers: Sequence[str] | None = None, channels: Sequence[int] | None = None,
-          bias: bool = True, check_memory: bool = True, schedule: str = "auto") -> Iterator[LayerJacobian]:
+          bias: bool = True, check_memory: bool = True, schedule: str = "auto",
+          bias_cols: Sequence[int] | None = None) -> Iterator[LayerJacobian]:
     """See :meth:`Linearisation.sweep`."""
     targets = list(layers) if layers is not None else lin.unit_layers
     tnodes = {lin.node_of(t).name: t for t in targets}
     C, H, W = lin.image_shape
-    chans = torch.arange(C) if channels is None else torch.as_tensor(list(channels), dtype=torch.long)
-    nc = chans.numel()
-    plan = lin.plan(list(tnodes), schedule=schedule)
-    sched = plan["period"]
-    if check_memory:
-        est = plan["peak_bytes"] * nc / C
-        if est > lin.memory_budget:
-            raise ValueError(
-                f"linearisation sweep needs ~{gib(est)} (compressed Jacobians of the layers up to "
-                f"{targets[-1]!r}) > memory_budget={gib(lin.memory_budget)}; raise memory_budget, or "
-                f"process fewer image channels at a time (channels=[...]), or use the reverse mode "
-                f"(Linearisation.vjp) for a few units"
-            )
+    chans = torch.arange(C) if channels is None else torch.as_tensor(list(channels), dtype=torch.long).reshape(-1)
+    plan = lin.plan(list(tnodes), schedule=schedule, channels=chans.tolist(), bias=bias, bias_cols=bias_cols)
+    if check_memory and not plan["fits"]:
+        raise ValueError(
+            f"linearisation sweep needs ~{gib(plan['peak_bytes'] / (1.0 - PLAN_RESERVE))} (the compressed Jacobians "
+            f"of the layers up to {targets[-1]!r} for {chans.numel()} image channel(s) and {plan['n_bias']} bias "
+            f"column(s), evaluated one tangent at a time, and a {PLAN_RESERVE:.0%} reserve) > "
+            f"memory_budget={gib(lin.memory_budget)}; raise memory_budget, or "
+            f"process fewer image channels / bias columns at a time (channels=[...], bias_cols=[...]; "
+            f"linop.hypersurface.reconstructed_activations does so itself), or use the reverse mode "
+            f"(Linearisation.vjp) for a few units"
+        )
     # the identity batch needs no receptive fields: every window is the whole image
-    return _run(lin, tnodes, chans, sched, bias, None if plan["schedule"] == "identity" else lin.net.geometry())
+    return _run(lin, tnodes, chans, plan, None if plan["schedule"] == "identity" else lin.net.geometry())
 
 
-def _run(lin: "Linearisation", tnodes: dict[str, str], chans: torch.Tensor, sched: dict, bias: bool,
+def _run(lin: "Linearisation", tnodes: dict[str, str], chans: torch.Tensor, plan: dict,
          geom: dict | None) -> Iterator[LayerJacobian]:
+    sched = plan["period"]
+    chunk = plan["chunk"]
+    new_cols = plan["new_cols"]
     nodes = [n for n in lin.net.nodes if n.name in sched]
     _, H, W = lin.image_shape
     dev = lin.x.device
     nc = chans.numel()
     last = {j: i for i, n in enumerate(nodes) for j in n.inputs}
-    pos = {n.name: k for k, n in enumerate(nodes)}
-    consumers: dict[str, list[str]] = {}
-    for n in nodes:
-        for j in n.inputs:
-            consumers.setdefault(j, []).append(n.name)
+    walk = recolour_walk(nodes, sched)
+    tight = any(plan["chunk"][k] < plan["rows"][k] for k in plan["rows"])  # the budget binds
     states: dict[str, State] = {}
     for i, n in enumerate(nodes):
         Pn = sched[n.name]
         if not n.inputs:
             st = input_state(tuple(n.out_shape), lin.image_shape, chans, Pn, lin.dtype, dev)
         else:
+            for j, Pj, keep in walk[i]:
+                if keep:  # every later consumer reads j at a period >= Pn: recolour j once, for all
+                    s = states[j]
+                    states[j] = State(recolour(s.Ti, nc, s.P, Pn, geom[j], chunk[n.name]), Pn, s.Tb, s.cols)
+                    del s  # the state at the old period is no longer read: free it now
             ins = [states[j] for j in n.inputs]
-            Tis = [recolour(s.Ti, nc, s.P, Pn, geom[j]) if s.P != Pn else s.Ti for s, j in zip(ins, n.inputs)]
-            for j, s, T in zip(n.inputs, ins, Tis):
-                if s.P != Pn and last[j] > i and all(
-                        sched[c][0] >= Pn[0] and sched[c][1] >= Pn[1] for c in consumers[j] if pos[c] > i):
-                    # every later consumer (a residual skip) reads j at a period >= Pn: keep
-                    # the recoloured state instead, so the same gather is never done twice
-                    states[j] = State(T, Pn, s.Tb, s.cols)
-            st = step(lin.node_operator(n.name), len(n.inputs), n.reads_bias, Tis, ins, Pn, lin.net.n_bias, bias)
+            geoms = [geom[j] if geom is not None else None for j in n.inputs]
+            st = step(lin.node_operator(n.name), len(n.inputs), n.reads_bias, ins, Pn, lin.net.n_bias,
+                      tuple(n.out_shape), nc, geoms, bias=True, chunk=chunk[n.name], new_cols=new_cols.get(n.name, _NONE))
+            del ins
         states[n.name] = st
         if n.name in tnodes:
             U = int(np.prod(n.out_shape))
@@ -83,8 +111,12 @@ def _run(lin: "Linearisation", tnodes: dict[str, str], chans: torch.Tensor, sche
             yield LayerJacobian(
                 name=tnodes[n.name], out_shape=tuple(n.out_shape), image_shape=lin.image_shape,
                 n_bias=lin.net.n_bias, channels=chans, P=st.P, ry=g.ry, rx=g.rx, oy=g.oy, ox=g.ox,
-                T=st.Ti, B=st.Tb, cols=st.cols, geom=g,
+                T=st.Ti, B=st.Tb, cols=st.cols, geom=g, chunk=chunk[n.name],
             )
+        freed = False
         for j in n.inputs:
             if last[j] == i:
-                states.pop(j, None)
+                freed = states.pop(j, None) is not None or freed
+        del st
+        if tight and freed:
+            release_memory()

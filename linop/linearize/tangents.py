@@ -22,7 +22,8 @@ from ..operators.base import Operator
 from ..operators.composite import apply_parts as _apply_parts
 from ..operators.elementwise import Diagonal
 
-__all__ = ["CHANNELS_LAST", "State", "input_state", "step", "apply_parts", "recolour", "merge_bias", "spatial_groups"]
+__all__ = ["CHANNELS_LAST", "State", "input_state", "step", "apply_parts", "recolour", "recolour_rows",
+           "spatial_groups", "chunked", "empty_batch"]
 
 
 #: keep 4-D tangent batches ``(n, C, H, W)`` channels-last on the CPU: torch's convolutions run
@@ -65,14 +66,17 @@ def input_state(shape: tuple[int, ...], image: tuple[int, int, int], chans: torc
     return State(Ti, P, Ti.new_zeros((0,) + tuple(shape)), torch.zeros(0, dtype=torch.long, device=device))
 
 
-def apply_parts(op: Operator, xs: Sequence[torch.Tensor | None]) -> torch.Tensor:
+def apply_parts(op: Operator, xs: Sequence[torch.Tensor | None], out: torch.Tensor | None = None) -> torch.Tensor:
     """``Σ_i A_i x_i`` of the node's local operator on tangent batches, by the operator's own
-    torch path; a diagonal (slope) operator on a channels-last batch multiplies in that layout."""
+    torch path; a diagonal (slope) operator on a channels-last batch multiplies in that layout
+    (into ``out`` when given, a batch of the result's shape and layout: no copy afterwards)."""
     if len(xs) == 1 and xs[0] is not None:
         x = xs[0]
         if isinstance(op, Diagonal) and type(op)._apply is Diagonal._apply and x.dim() == 4 \
                 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
             # the same products x ⊙ d, with d in x's layout (a mismatched broadcast is ~1.5× slower)
+            if out is not None and out.shape == x.shape and out.stride() == x.stride():
+                return torch.mul(x, _diag_like(op, x), out=out)
             return x * _diag_like(op, x)
     return _apply_parts(op, xs)
 
@@ -96,40 +100,117 @@ def bias_columns(op: Operator) -> np.ndarray:
     return op.part_columns(-1)
 
 
-def step(op: Operator, n_inputs: int, reads_bias: bool, Tis: Sequence[torch.Tensor], ins: Sequence[State],
-         P: tuple[int, int], n_bias: int, bias: bool = True) -> State:
-    """Push the (recoloured) image tangents ``Tis`` and the bias tangents of ``ins`` through the
-    local operator ``op`` of a node (``n_inputs`` inputs, plus ``x_b`` when ``reads_bias``).
+def empty_batch(n: int, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """An uninitialised ``(n, *shape)`` batch of ``like``'s dtype / device in the sweep's layout."""
+    if CHANNELS_LAST and len(shape) == 3 and like.device.type == "cpu":
+        return torch.empty((n,) + tuple(shape), dtype=like.dtype, device=like.device,
+                           memory_format=torch.channels_last)
+    return like.new_empty((n,) + tuple(shape))
 
-    Image part: ``Σ_i A_i T_i`` (``x_b``'s image tangents are zero).  Bias part: the inputs' bias
-    tangents expanded to the union of their columns, pushed through the same ``A_i``, plus ``A_b``
-    applied to the unit vectors of the columns it reads (new tangents start here)."""
+
+def chunked(fn, n: int, chunk: int | None, shape: tuple[int, ...], like: torch.Tensor,
+            breaks: Sequence[int] = ()) -> torch.Tensor:
+    """Rows ``0..n`` of a batch computed as ``fn(r0, r1, dst)`` (rows ``r0:r1``; it returns them,
+    or writes them into ``dst``, a view of the preallocated rows, and returns ``dst``), ``chunk``
+    rows at a time, written into one preallocated batch — so every temporary of ``fn`` is bounded by the
+    chunk.  ``breaks``: further row indices where a chunk must end (segments computed alike).
+    One chunk (``chunk >= n`` or None, no breaks): ``fn(0, n, None)`` itself, no copy.  Rows are
+    independent (a batch of tangents through a linear map), so the rows are the same values
+    whatever the chunking, up to the rounding of the batched kernels."""
+    if n == 0:
+        return empty_batch(0, shape, like)
+    k = n if chunk is None else max(1, int(chunk))
+    if k >= n and not breaks:
+        return batch_layout(fn(0, n, None))
+    out = empty_batch(n, shape, like)
+    edges = [0] + sorted(b for b in set(breaks) if 0 < b < n) + [n]
+    for a, b in zip(edges[:-1], edges[1:]):
+        for r0 in range(a, b, k):
+            r1 = min(b, r0 + k)
+            dst = out[r0:r1]
+            res = fn(r0, r1, dst)
+            if res is not dst:  # fn may write into dst itself
+                dst.copy_(res)
+    return out
+
+
+def _image_rows(s: State, nc: int, P: tuple[int, int], g: Window | None, r0: int, r1: int) -> torch.Tensor:
+    """Rows ``r0:r1`` of input state ``s``'s image tangents at period ``P`` (recoloured on the fly)."""
+    if s.P == P:
+        return s.Ti[r0:r1]
+    return recolour_rows(s.Ti, nc, s.P, P, g, r0, r1)
+
+
+def _bias_rows(s: State, ucols: torch.Tensor) -> torch.Tensor | None:
+    """``s``'s bias tangents expanded to the bias columns ``ucols`` (a sorted range of the output's
+    columns; zero rows where ``s`` has none): a slice when they coincide, None when ``s`` has none."""
+    if not s.cols.numel() or not ucols.numel():
+        return None
+    a = int(torch.searchsorted(s.cols, ucols[:1]))
+    b = int(torch.searchsorted(s.cols, ucols[-1:], right=True))
+    if b == a:
+        return None
+    if b - a == ucols.numel():  # s's columns in this range are all of ucols: the rows as they are
+        return s.Tb[a:b]
+    E = empty_batch(ucols.numel(), tuple(s.Tb.shape[1:]), s.Tb)
+    E.zero_()
+    E.index_copy_(0, torch.searchsorted(ucols, s.cols[a:b]), s.Tb[a:b])
+    return E
+
+
+def step(op: Operator, n_inputs: int, reads_bias: bool, ins: Sequence[State], P: tuple[int, int], n_bias: int,
+         out_shape: tuple[int, ...], nc: int, geoms: Sequence[Window | None], bias: bool = True,
+         chunk: int | None = None, new_cols: np.ndarray | None = None) -> State:
+    """Push the image and bias tangents of the input states ``ins`` through the local operator
+    ``op`` of a node (``n_inputs`` inputs, plus ``x_b`` when ``reads_bias``).
+
+    Image part: ``Σ_i A_i T_i`` with ``T_i`` input ``i``'s tangents recoloured to ``P``
+    (``geoms[i]``: input ``i``'s window; ``x_b``'s image tangents are zero).  Bias part: the
+    inputs' bias tangents over the union of their columns (zero where absent) pushed through the
+    same ``A_i``, plus ``A_b`` applied to the unit vectors of the columns that start here
+    (``new_cols``, default every column ``op`` reads; none when ``bias`` is False).
+
+    ``chunk``: tangents per evaluation — each part is computed ``chunk`` rows at a time by the
+    operator's own torch path (recolouring / expanding only those rows) into a preallocated
+    batch, so the temporaries (recoloured inputs, the convolution's workspace, the result before
+    it is stored) are bounded by the chunk (:func:`linop.linearize.schedule.memory_plan`)."""
+    like = ins[0].Ti
+    dev = like.device
     pad = [None] * int(reads_bias)
-    Ti = apply_parts(op, list(Tis) + pad)
-    out_shape = tuple(Ti.shape[1:])
-    Tb, cols = None, Ti.new_zeros(0, dtype=torch.long)
-    if any(s.cols.numel() for s in ins):
-        if n_inputs == 1:
-            cols, Tbs = ins[0].cols, [ins[0].Tb]
-        else:  # every input's bias tangents over the union of their columns (zeros where absent)
-            cols, Tbs = merge_bias([(s.Tb, s.cols) for s in ins], Ti)
-        Tb = apply_parts(op, Tbs + pad)
+    Ti = chunked(lambda r0, r1, dst: apply_parts(op, [_image_rows(s, nc, P, g, r0, r1) for s, g in zip(ins, geoms)]
+                                                 + pad, out=dst),
+                 nc * P[0] * P[1], chunk, out_shape, like)
+    newc = like.new_zeros(0, dtype=torch.long)
     if reads_bias and bias:
-        newc = torch.from_numpy(bias_columns(op)).to(Ti.device)
+        newc = torch.from_numpy(np.asarray(new_cols if new_cols is not None else bias_columns(op), dtype=np.int64)).to(dev)
+    parts = [s.cols for s in ins if s.cols.numel()] + ([newc] if newc.numel() else [])
+    if len(parts) == 1:
+        cols = parts[0]
+    else:
+        cols = torch.unique(torch.cat(parts)) if parts else newc
+
+    def bias_chunk(r0: int, r1: int, dst: torch.Tensor | None) -> torch.Tensor:
+        ucols = cols[r0:r1]
+        xs = [_bias_rows(s, ucols) for s in ins]
+        E = None
         if newc.numel():
-            E = Ti.new_zeros((newc.numel(), n_bias))
-            E[torch.arange(newc.numel(), device=Ti.device), newc] = 1.0
-            Rb = apply_parts(op, [None] * n_inputs + [E])  # A_b on unit bias vectors
-            if Tb is None:
-                Tb, cols = Rb, newc
-            elif int(cols.max()) < int(newc[0]):  # the usual case: the new biases come last
-                Tb, cols = torch.cat([Tb, Rb]), torch.cat([cols, newc])
-            else:
-                cols, (A, B) = merge_bias([(Tb, cols), (Rb, newc)], Ti)
-                Tb = A + B
-    if Tb is None:
-        Tb = Ti.new_zeros((0,) + out_shape)
-    return State(batch_layout(Ti), P, batch_layout(Tb), cols)
+            fresh = torch.isin(ucols, newc).nonzero().reshape(-1)
+            if fresh.numel():  # A_b on the unit bias vectors of the columns that start here
+                E = like.new_zeros((ucols.numel(), n_bias))
+                E[fresh, ucols[fresh]] = 1.0
+        if reads_bias:
+            xs = xs + [E]
+        return apply_parts(op, xs, out=dst)
+
+    # segments of the output's bias rows with the same sources (which inputs carry the column,
+    # whether it starts here): inside one, every input's rows are a slice — no zero-padded copy,
+    # and A_b runs on the new columns only
+    breaks: list[int] = []
+    if len(parts) > 1:
+        sig = torch.stack([torch.isin(cols, s.cols) for s in ins] + [torch.isin(cols, newc)])
+        breaks = ((sig[:, 1:] != sig[:, :-1]).any(0).nonzero().reshape(-1) + 1).tolist()
+    Tb = chunked(bias_chunk, cols.numel(), chunk, out_shape, like, breaks)
+    return State(Ti, P, Tb, cols)
 
 
 def spatial_groups(g: Window, shape: tuple[int, ...]) -> tuple[int, int]:
@@ -167,47 +248,53 @@ def _recolour_index(g: Window, P: tuple[int, int], Pn: tuple[int, int], S: int, 
 
     IY = idx(P[0], Pn[0], g.oy, g.ry)
     IX = idx(P[1], Pn[1], g.ox, g.rx)
-    flat = IY[:, None, :] * P[1] + IX[None, :, :]
     zero = P[0] * P[1]
-    flat = torch.where((IY[:, None, :] < 0) | (IX[None, :, :] < 0), torch.full_like(flat, zero), flat)
-    hit = flat.reshape(Pn[0] * Pn[1], S).to(dev)
+    hit = torch.empty((Pn[0], Pn[1], S), dtype=torch.long)
+    for a in range(Pn[0]):  # one new residue row at a time: no temporary of the index's size
+        row = IX * 1
+        row.add_(IY[a] * P[1]).masked_fill_((IY[a] < 0)[None, :] | (IX < 0), zero)
+        hit[a] = row
+    hit = hit.reshape(Pn[0] * Pn[1], S).to(dev)
     g.cache[key] = hit
     return hit
 
 
-def recolour(Ti: torch.Tensor, nc: int, P: tuple[int, int], Pn: tuple[int, int], g: Window) -> torch.Tensor:
-    """Re-compress tangents from period ``P`` to ``Pn >= P`` (exact; needs ``g.r <= P``).
+def recolour_rows(Ti: torch.Tensor, nc: int, P: tuple[int, int], Pn: tuple[int, int], g: Window,
+                  r0: int, r1: int) -> torch.Tensor:
+    """Rows ``r0:r1`` of the tangents re-compressed from period ``P`` to ``Pn >= P`` (exact;
+    needs ``g.r <= P``): row ``(i, c')`` is source row ``(i, idx[c', s])`` at spatial position
+    ``s``, or 0 where the new residue falls outside the unit's window.
 
-    One gather along the colour axis with a cached ``(Pn², S)`` index broadcast over image
-    channels and feature channels (no per-call index arithmetic, no ``Pn²·U`` index)."""
-    if P == Pn:
-        return Ti
+    One gather along the tangent axis with a cached ``(Pn², S)`` colour index broadcast over the
+    feature channels (a stride-0 index: no per-element index is stored), in the batch's layout
+    (channels-last batches through their ``(n, S, G)`` view); its only temporaries are the
+    ``(r1 - r0)`` rows it returns and a ``(r1 - r0, S)`` index (int64) and mask."""
     shape = tuple(Ti.shape[1:])
     G, S = spatial_groups(g, shape)
-    idx = _recolour_index(g, P, Pn, S, Ti.device)
+    idx = _recolour_index(g, P, Pn, S, Ti.device)  # (Pn², S); P_y·P_x marks a zero
+    L, Ln = P[0] * P[1], Pn[0] * Pn[1]
+    r = torch.arange(r0, r1, device=Ti.device)
+    src = idx.index_select(0, torch.remainder(r, Ln))  # (k, S) source colour
+    zero = src == L
+    src.masked_fill_(zero, 0).add_(torch.div(r, Ln, rounding_mode="floor")[:, None] * L)  # source row
+    k = r1 - r0
     if len(shape) == 3 and G == shape[0] and not Ti.is_contiguous() \
             and Ti.is_contiguous(memory_format=torch.channels_last):
-        # channels-last (n, H, W, C) memory: the same gather on the (nc, colours, S, G) view
-        T = Ti.permute(0, 2, 3, 1).reshape(nc, P[0] * P[1], S, G)
-        Tp = torch.cat([T, T.new_zeros(nc, 1, S, G)], 1)
-        out = torch.gather(Tp, 1, idx.view(1, -1, S, 1).expand(nc, -1, S, G))
-        return out.reshape((nc * Pn[0] * Pn[1], shape[1], shape[2], G)).permute(0, 3, 1, 2)
-    T = Ti.reshape(nc, P[0] * P[1], G, S)
-    Tp = torch.cat([T, T.new_zeros(nc, 1, G, S)], 1)  # colour P_y·P_x is the zero slot
-    out = torch.gather(Tp, 1, idx.view(1, -1, 1, S).expand(nc, -1, G, S))
-    return out.reshape((nc * Pn[0] * Pn[1],) + shape)
+        T = Ti.permute(0, 2, 3, 1).reshape(Ti.shape[0], S, G)  # (n, S, G), no copy
+        out = torch.gather(T, 0, src[:, :, None].expand(k, S, G))
+        out.masked_fill_(zero[:, :, None], 0.0)
+        return out.reshape((k, shape[1], shape[2], G)).permute(0, 3, 1, 2)
+    T = Ti.reshape(Ti.shape[0], G, S)
+    out = torch.gather(T, 0, src[:, None, :].expand(k, G, S))
+    out.masked_fill_(zero[:, None, :], 0.0)
+    return out.reshape((k,) + shape)
 
 
-def merge_bias(parts: Sequence[tuple[torch.Tensor, torch.Tensor]], like: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Union of bias column sets; each part expanded to the union's rows."""
-    cols = torch.unique(torch.cat([c for _, c in parts])) if parts else like.new_zeros(0, dtype=torch.long)
-    out: list[torch.Tensor] = []
-    for T, c in parts:
-        if c.numel() == cols.numel() and torch.equal(c, cols):
-            out.append(T)
-        else:
-            E = T.new_zeros((cols.numel(),) + tuple(T.shape[1:]))
-            if c.numel():
-                E.index_copy_(0, torch.searchsorted(cols, c), T)
-            out.append(E)
-    return cols, out
+def recolour(Ti: torch.Tensor, nc: int, P: tuple[int, int], Pn: tuple[int, int], g: Window,
+             chunk: int | None = None) -> torch.Tensor:
+    """All tangents re-compressed from period ``P`` to ``Pn >= P`` (:func:`recolour_rows`,
+    ``chunk`` rows at a time into one preallocated batch)."""
+    if P == Pn:
+        return Ti
+    return chunked(lambda r0, r1, dst: recolour_rows(Ti, nc, P, Pn, g, r0, r1), nc * Pn[0] * Pn[1], chunk,
+                   tuple(Ti.shape[1:]), Ti)
