@@ -69,14 +69,29 @@ def child(model: str, dtype: str, budget: str, root: str | None) -> dict:
     import gc
 
     gc.collect()
+    try:  # reset VmHWM to the current RSS (Linux >= 4.0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
     base = _rss()
     t0, c0 = time.perf_counter(), time.process_time()
     hypersurface.reconstructed_activations(net, x, dtype=dtype, memory_budget=B)
     sec, cpu = time.perf_counter() - t0, time.process_time() - c0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+    # this process's own high-water mark (VmHWM); ru_maxrss would also keep the pre-exec image's
+    peak = _status_bytes("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"model": model, "dtype": dtype, "budget": B, "plan_peak": plan["peak_bytes"], "passes": plan["passes"],
             "chunk": plan["chunk"], "base_rss": base, "peak_rss": peak, "growth": max(0, peak - base),
             "seconds": sec, "cpu_seconds": cpu}
+
+
+def _status_bytes(key: str) -> int:
+    """A kB field of ``/proc/self/status`` in bytes (0 where there is none)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next((int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":")), 0)
+    except OSError:
+        return 0
 
 
 def _uptime() -> str:

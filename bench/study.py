@@ -121,6 +121,11 @@ def _setup(spec: dict) -> tuple[dict, Any, Any, Any, dict]:
         if "device" not in inspect.signature(verify_mod.verify).parameters:
             out["skipped"] = "n/a (verify has no device argument)"
         kw.update(device=device)
+    params = inspect.signature(verify_mod.verify).parameters
+    for opt in ("heap", "memory_budget"):  # the library's options, where this tree's verify has them
+        if spec.get(opt) is not None and opt in params:
+            kw[opt] = spec[opt]
+    out["verify_options"] = {k: kw[k] for k in ("heap", "memory_budget") if k in kw}
     need = int(spec["images"]) * int(spec["workers"]) + WARMUP_ROUNDS * int(spec["workers"])
     if need > len(data.x_test):
         out["skipped"] = f"n/a ({need} test images needed, the data set has {len(data.x_test)})"
@@ -183,7 +188,12 @@ def _child_dask(spec: dict, out: dict, verify_mod: Any, net: Any, x_test: Any, k
 
     K, n = int(spec["workers"]), int(spec["images"])
     t = time.perf_counter()
-    ex = execute.DaskExecutor.local(K)  # the layout of `linop verify --scheduler local --workers K`
+    environ = None
+    if spec.get("heap") and "heap" in inspect.signature(verify_mod.verify).parameters:
+        from linop.studies import heap as heap_mod
+
+        environ = heap_mod.worker_environ(spec["heap"])  # as verify(executor="local", heap=...) sets it
+    ex = execute.DaskExecutor.local(K, environ=environ)  # the layout of `linop verify --scheduler local --workers K`
     client = ex.start()
     out["cluster_start_s"] = time.perf_counter() - t
     kw.update(executor=ex)
@@ -480,6 +490,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-dask", action="store_true", help="skip the dask column")
     ap.add_argument("--keep-heap", action="store_true",
                     help=f"run every measured process with {' '.join(f'{k}={v}' for k, v in KEEP_HEAP_ENV.items())}")
+    ap.add_argument("--heap", choices=("system", "retain"), default=None,
+                    help="verify(heap=...) of the code under test (default: verify's own default); a "
+                         "--baseline tree without the option runs as it is")
+    ap.add_argument("--memory-budget", default=None, help="verify(memory_budget=...) of the code under test (e.g. 4GiB)")
     ap.add_argument("--baseline", default=None, metavar="REV", help="also measure git revision REV in-process")
     ap.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:k: passed to verify(device=...)")
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per measurement (default 1800)")
@@ -538,7 +552,8 @@ def main(argv: list[str] | None = None) -> int:
             for d in a.dtypes:
                 for col, tree, mode in trees:
                     spec = {"model": m, "dtype": d, "images": a.images, "mode": mode, "workers": a.workers,
-                            "device": device, "keep_heap": a.keep_heap}
+                            "device": device, "keep_heap": a.keep_heap, "heap": a.heap,
+                            "memory_budget": a.memory_budget}
                     r = (_measure_together if mode == "indep" else _measure)(spec, tree, a.timeout)
                     r["column"] = col
                     doc["results"].append(r)

@@ -315,3 +315,20 @@ def test_one_sample_in_one_sample_out():
     assert r4.a.shape == op.in_shape
     with pytest.raises(TypeError, match="W must be"):
         solve([[1.0]], z, a)
+
+
+def test_finite_check_is_exact_including_overflowing_sums():
+    """The one-reduction finiteness test of solve's inputs: a finite sum proves every entry
+    finite; entries whose sum overflows (1e308 + 1e308) are still finite and accepted, while one
+    NaN / ±inf entry anywhere is refused."""
+    from linop.solvers.result import _all_finite
+
+    big = torch.full((4, 3), 1e308, dtype=torch.float64)
+    assert _all_finite(big) and not bool(torch.isfinite(big.sum()))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        x = torch.zeros(4, 3, dtype=torch.float64)
+        x[2, 1] = bad
+        assert not _all_finite(x)
+    x = torch.zeros(4, 3, dtype=torch.float64)
+    x[0, 0], x[3, 2] = float("inf"), -float("inf")  # inf − inf = nan: still refused
+    assert not _all_finite(x)

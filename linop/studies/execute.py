@@ -182,6 +182,9 @@ class DaskExecutor(Executor):
         # a nanny exports its pre-spawn environment into *this* process before it spawns; put the
         # driver's own values back once the workers run (a restarted worker gets them again)
         before = {k: os.environ.get(k) for k in set(environ) | {"MALLOC_TRIM_THRESHOLD_"}}
+        # Dask lets this process's environment override pre-spawn-environ (and an earlier
+        # cluster's nanny may have exported its own values here): set the ones asked for
+        os.environ.update({k: str(v) for k, v in environ.items() if v is not None})
         try:
             with dask.config.set(config):  # read by the nannies, handed to their workers
                 cluster = LocalCluster(n_workers=self.n_local, threads_per_worker=1, processes=True,
