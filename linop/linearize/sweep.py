@@ -52,6 +52,18 @@ def _malloc_trim() -> Callable[[], None]:
 #: every node that freed a state, so the RSS follows the memory plan.
 release_memory = _malloc_trim()
 
+#: whether a sweep whose budget binds trims the heap after freeing a state (see
+#: :func:`trim_when_tight`); a process that chose to keep its heap (``linop.studies.heap``) turns it off
+TRIM_WHEN_TIGHT = True
+
+
+def trim_when_tight(enabled: bool) -> None:
+    """Turn the heap trimming of budget-bound sweeps on or off for this process.  Off, the live
+    tangents are still bounded by the plan, but freed pages stay in the process (its resident
+    size is then the heap's high-water mark) and are reused without page faults."""
+    global TRIM_WHEN_TIGHT
+    TRIM_WHEN_TIGHT = bool(enabled)
+
 
 def sweep(lin: "Linearisation", layers: Sequence[str] | None = None, channels: Sequence[int] | None = None,
           bias: bool = True, check_memory: bool = True, schedule: str = "auto",
@@ -118,5 +130,5 @@ def _run(lin: "Linearisation", tnodes: dict[str, str], chans: torch.Tensor, plan
             if last[j] == i:
                 freed = states.pop(j, None) is not None or freed
         del st
-        if tight and freed:
+        if tight and freed and TRIM_WHEN_TIGHT:
             release_memory()

@@ -14,8 +14,10 @@ option, not the default.
 
 * ``retain`` (``verify(..., heap="retain")``, ``linop verify --heap retain``): :func:`apply` calls glibc's
   ``mallopt`` in the running process (``M_ARENA_MAX = 1``, ``M_MMAP_MAX = 0``,
-  ``M_TRIM_THRESHOLD`` = 2 GiB − 1) and :data:`RETAIN_ENV` is the environment of worker
-  processes linop starts (a Dask ``LocalCluster``), the same settings read at start-up.
+  ``M_TRIM_THRESHOLD`` = 2 GiB − 1), turns off the ``malloc_trim`` a budget-bound sweep does
+  after each freed state (:func:`linop.linearize.sweep.trim_when_tight`), and
+  :data:`RETAIN_ENV` is the environment of worker processes linop starts (a Dask
+  ``LocalCluster``), the same settings read at start-up.
 * ``system`` (default): the C library's defaults (what a process gets without linop).
 
 Elsewhere than glibc (macOS, Windows, musl) ``retain`` is a no-op (:func:`apply` returns False).
@@ -74,6 +76,9 @@ def apply(mode: str) -> bool:
                                                   (_M_TRIM_THRESHOLD, 2**31 - 1)))
     if ok:
         _applied = "retain"
+        from ..linearize import sweep as _sweep
+
+        _sweep.trim_when_tight(False)  # a budget-bound sweep would hand the pages back again
     return ok
 
 
