@@ -112,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         for d in (torch.float32, torch.float64):
             lin = linop.linearise(net, torch.rand(3, 32, 32), dtype=d)
             row[f"conv_rate_{str(d)[6:]}"] = conv_rate(lin, d, a.batch)
+        # the periods (hence the multiply-adds) depend on the geometry only, not on the dtype
         auto, ident = sweep_macs(lin, "auto"), sweep_macs(lin, "identity")
         row.update(auto=auto, identity=ident, identity_over_auto=ident["total"] / auto["total"])
         row["floor_s"] = {"float32_conv": auto["total"] / row["conv_rate_float32"],

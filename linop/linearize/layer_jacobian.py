@@ -112,12 +112,6 @@ class LayerJacobian:
             raise ValueError(f"{self.name}: units must be flat indices in [0, {self.n_units}), got min {int(u.min())}, max {int(u.max())}")
         return u
 
-    def _window_index(self, o: torch.Tensor, n: int, P: int, r: int) -> torch.Tensor:
-        """(k, n): residue of image row y for units with origins ``o``, or P (zero) outside the window."""
-        y = torch.arange(n, device=o.device)[None, :]
-        inside = (y >= o[:, None]) & (y < o[:, None] + r)
-        return torch.where(inside, torch.remainder(y, P), torch.full_like(y, P))
-
     def image(self, units: Any = None, out: torch.Tensor | None = None) -> torch.Tensor:
         """Dense image parts ``H^I``, shape ``(k, C, H, W)`` for the selected units (RM2 layout).
 

@@ -304,8 +304,6 @@ def make_executor(executor: Any = None, workers: int | None = None, retries: int
     ImportError : Dask requested but not installed (the message says how to install it).
     ConnectionError : an address where no scheduler answers within ``connect_timeout``.
     """
-    import os
-
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
         raise ValueError(f"workers must be a positive integer, got {workers!r}")
     if isinstance(executor, Executor):

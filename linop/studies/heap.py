@@ -67,8 +67,10 @@ def apply(mode: str) -> bool:
     library is not glibc."""
     global _applied
     check_heap(mode)
-    if mode == "system" or _applied == "retain":
-        return _applied == "retain" and mode == "retain"
+    if mode == "system":
+        return False
+    if _applied == "retain":
+        return True
     libc = _glibc()
     if libc is None:
         return False
