@@ -190,6 +190,20 @@ def test_channel_shuffle(fn):
     assert "ChannelShuffle" in ops(net)
 
 
+@pytest.mark.parametrize("op, c_out, kind", [
+    (nn.PixelUnshuffle(2), 16, "Polyphase"),
+    (nn.PixelShuffle(2), 1, "AdjointOperator"),
+    (lambda x: F.pixel_unshuffle(x, 2), 16, "Polyphase"),
+    (lambda x: F.pixel_shuffle(x, 2), 1, "AdjointOperator"),
+])
+def test_pixel_shuffle_and_unshuffle(op, c_out, kind):
+    """Space-to-depth is the polyphase permutation Π, depth-to-space its adjoint (= inverse)."""
+    mod = op if isinstance(op, nn.Module) else None
+    net = check_network(seq(mod, (3, 4, 4), fn=None if mod is not None else op, c_mid=4, c_op_out=c_out),
+                        (3, 4, 4))
+    assert kind in ops(net)
+
+
 class Head(nn.Module):
     """Linear -> BatchNorm1d -> Dropout -> ReLU -> Identity -> Linear (BN folds)."""
 

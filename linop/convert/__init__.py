@@ -86,6 +86,8 @@ Supported operations (module, functional and method forms) -> equivalent network
   slice of ``x_b``).
 * ``nn.ChannelShuffle``, ``torch.channel_shuffle``, torchvision's view / transpose / view
   shuffle -> LinearNode ``ChannelShuffle`` (a permutation).
+* ``nn.PixelUnshuffle`` / ``F.pixel_unshuffle`` -> LinearNode ``Polyphase`` (the space-to-depth
+  permutation ``Π``); ``nn.PixelShuffle`` / ``F.pixel_shuffle`` -> its adjoint ``Πᵀ``.
 * ``x[:, :, o::s, o::s]`` (also with ``...``) -> LinearNode ``Subsample``.
 * ``x * c``, ``c * x``, ``x / c``, ``torch.mul`` with ``c`` a python number or a scalar /
   per-channel parameter or buffer -> folded into a preceding conv / linear (Fixup ``M``),

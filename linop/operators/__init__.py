@@ -24,6 +24,7 @@ from .conv_transpose import ConvTranspose2d
 from .layers1d import AvgPool1d, Conv1d, Lift1d, MaxPool1d, UnitAxis
 from .padding import Pad2d
 from .permutation import ChannelPermutation, ChannelShuffle
+from .polyphase import Polyphase
 from .resample import AdaptiveAvgPool2d, AdaptiveWindows, Upsample2d
 from .separable import AxisTaps, SeparableOperator
 
@@ -39,6 +40,7 @@ __all__ = [
     "Lift1d",
     "ChannelPermutation",
     "ChannelShuffle",
+    "Polyphase",
     "SeparableOperator",
     "AxisTaps",
     "Operator",

@@ -9,6 +9,8 @@
   ``CircularPad2d`` -> ``Pad2d`` (a non-zero fill adds a ``unit`` BiasNode on the border).
 * ``nn.ChannelShuffle``, ``torch.channel_shuffle`` and torchvision's ``view(N, g, C/g, H,
   W)`` / ``transpose(1, 2)`` / ``view(N, C, H, W)`` -> ``ChannelShuffle``.
+* ``nn.PixelUnshuffle`` / ``F.pixel_unshuffle`` -> ``Polyphase`` (a permutation);
+  ``nn.PixelShuffle`` / ``F.pixel_shuffle`` -> its adjoint (the inverse permutation).
 * ``x[:, :, o::s, o::s]`` (also with ``...``) -> ``Subsample``; ``x[:, a:b]``,
   ``x.chunk(k, 1)``, ``x.split(s, 1)`` -> channel crops (``ChannelPad(...).T``); an index
   into a parameter / buffer is a constant.
@@ -199,6 +201,36 @@ def channel_shuffle(ctx: Context, node: fx.Node) -> TensorValue:
     x = ctx.tensor(node, node.args[0])
     try:
         op = ChannelShuffle(x.shape, groups, dtype=numpy_dtype(ctx.dtype))
+    except ValueError as exc:
+        ctx.fail(node, str(exc), ValueError)
+    return ctx.linear(node, x, op)
+
+
+@rule(nn.PixelUnshuffle, F.pixel_unshuffle, nn.PixelShuffle, F.pixel_shuffle)
+def pixel_shuffle(ctx: Context, node: fx.Node) -> TensorValue:
+    """Space-to-depth ``pixel_unshuffle(x, r)`` -> ``Polyphase(x.shape, r)`` (the permutation
+    ``Π``); depth-to-space ``pixel_shuffle(x, r)`` -> ``Πᵀ`` of ``Polyphase((C/r², H r, W r), r)``
+    (its adjoint is its inverse: for a stride dividing the size ``Π`` is a permutation)."""
+    from ...operators.polyphase import Polyphase
+
+    target = ctx.module_call(node) if node.op == "call_module" else node.target
+    down = isinstance(target, nn.PixelUnshuffle) or target is F.pixel_unshuffle
+    name = "downscale_factor" if down else "upscale_factor"
+    if node.op == "call_module":
+        r = getattr(target, name)
+    else:
+        (r,) = ctx.args(node, [name], [None])
+    x = ctx.tensor(node, node.args[0])
+    if len(x.shape) != 3 or not isinstance(r, int) or r < 1:
+        ctx.fail(node, f"{name}={r!r} on a value of shape {x.shape}: needs a positive int factor and a "
+                       "(C, H, W) value", ValueError)
+    C, H, W = x.shape
+    # torch's own shape check (run while tracing) has already refused factors that do not divide
+    try:
+        if down:
+            op = Polyphase((C, H, W), (r, r), dtype=numpy_dtype(ctx.dtype))
+        else:
+            op = Polyphase((C // (r * r), H * r, W * r), (r, r), dtype=numpy_dtype(ctx.dtype)).T
     except ValueError as exc:
         ctx.fail(node, str(exc), ValueError)
     return ctx.linear(node, x, op)

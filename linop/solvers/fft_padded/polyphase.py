@@ -26,6 +26,10 @@ exactly by the padded stride-1 machinery on ``s_h s_w C_in`` channels of size ``
 with ``Π_e`` the (isometric) embedding and ``D`` the 0/1 diagonal of the existing phase
 entries; :class:`.PaddedConvSolver` solves ``(W_poly D)⁺`` exactly by holding the missing
 entries at zero (``fixed_zero``: more ring constraints), and ``W⁺ = Π_eᵀ (W_poly D)⁺``.
+
+``Π`` / ``Π_e`` is the operator :class:`linop.operators.Polyphase`; :func:`to_polyphase` /
+:func:`from_polyphase` are its torch forward / adjoint (the same functions), and
+:func:`polyphase_factors` gives both factors of ``W = W_poly Π`` as operators.
 """
 from __future__ import annotations
 
@@ -34,12 +38,18 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ...operators.conv import conv_out_size
+from ...operators.conv import Conv2d, conv_out_size
+from ...operators.polyphase import (  # Π: the operator's torch path
+    Polyphase,
+    from_polyphase,
+    to_polyphase,
+)
 
 __all__ = [
     "PolyphaseGeometry",
     "from_polyphase",
     "missing_entries",
+    "polyphase_factors",
     "polyphase_geometry",
     "polyphase_kernel",
     "to_polyphase",
@@ -98,14 +108,10 @@ def polyphase_geometry(in_hw: tuple[int, int], kernel: tuple[int, int], padding:
 
 
 def missing_entries(geo: PolyphaseGeometry, channels: int) -> np.ndarray | None:
-    """Bool (C s_h s_w, H', W'): the phase entries that do not exist (``s a' + a ≥ H``); None if none."""
-    (H, W), (Hp, Wp), (sh, sw) = geo.in_hw, geo.phase_hw, geo.stride
-    if H == Hp * sh and W == Wp * sw:
-        return None
-    rows = sh * np.arange(Hp)[None, :] + np.arange(sh)[:, None] >= H  # (s_h, H')
-    cols = sw * np.arange(Wp)[None, :] + np.arange(sw)[:, None] >= W  # (s_w, W')
-    miss = rows[:, None, :, None] | cols[None, :, None, :]  # (s_h, s_w, H', W')
-    return np.broadcast_to(miss[None], (channels, sh, sw, Hp, Wp)).reshape(channels * sh * sw, Hp, Wp).copy()
+    """Bool (C s_h s_w, H', W'): the phase entries that do not exist (``s a' + a ≥ H``; the zeros
+    of ``D = Π_e Π_eᵀ``, :attr:`.Polyphase.existing`); None if none."""
+    pi = Polyphase((channels,) + tuple(geo.in_hw), geo.stride)
+    return None if pi.divisible else ~pi.existing
 
 
 def polyphase_kernel(weight: torch.Tensor, geo: PolyphaseGeometry) -> torch.Tensor:
@@ -120,21 +126,20 @@ def polyphase_kernel(weight: torch.Tensor, geo: PolyphaseGeometry) -> torch.Tens
     return kp.permute(0, 1, 2, 4, 3, 5).reshape(c_out, c_in * sh * sw, Kh, Kw).contiguous()
 
 
-def to_polyphase(x: torch.Tensor, stride: tuple[int, int]) -> torch.Tensor:
-    """``Π x``: (N, C, H, W) → (N, C s_h s_w, ⌈H/s_h⌉, ⌈W/s_w⌉), channel ``c s_h s_w + a s_w + b``
-    (zero-extended to multiples of the stride)."""
-    N, C, H, W = x.shape
-    sh, sw = stride
-    Hp, Wp = -(-H // sh), -(-W // sw)
-    if (Hp * sh, Wp * sw) != (H, W):
-        x = torch.nn.functional.pad(x, (0, Wp * sw - W, 0, Hp * sh - H))
-    return x.reshape(N, C, Hp, sh, Wp, sw).permute(0, 1, 3, 5, 2, 4).reshape(N, C * sh * sw, Hp, Wp)
+def polyphase_factors(conv: Conv2d) -> tuple[Conv2d, Polyphase]:
+    """``(W_poly, Π)`` with ``conv = W_poly Π`` exactly, both as operators.
 
-
-def from_polyphase(xp: torch.Tensor, stride: tuple[int, int], in_hw: tuple[int, int] | None = None) -> torch.Tensor:
-    """``Πᵀ``: the adjoint of :func:`to_polyphase` (its inverse on the existing entries), cropped to ``in_hw``."""
-    N, Cp, Hp, Wp = xp.shape
-    sh, sw = stride
-    C = Cp // (sh * sw)
-    x = xp.reshape(N, C, sh, sw, Hp, Wp).permute(0, 1, 4, 2, 5, 3).reshape(N, C, Hp * sh, Wp * sw)
-    return x if in_hw is None else x[:, :, : in_hw[0], : in_hw[1]]
+    ``W_poly`` is the stride-1 phase conv of the module docstring: kernel
+    :func:`polyphase_kernel`, 4-sided padding ``geo.padding``, on ``C_in s_h s_w`` channels of
+    ``⌈H/s_h⌉ × ⌈W/s_w⌉`` with the conv's ``groups`` (channel ``c s_h s_w + a s_w + b`` keeps each
+    group's phases contiguous); ``Π`` the :class:`~linop.operators.Polyphase` of the conv's input.
+    Where the stride does not divide ``H`` / ``W``, ``W_poly`` reads the zero extension, which
+    ``Π_e`` leaves at zero: ``W_poly Π_e = W_poly D Π_e = W``.
+    """
+    if not isinstance(conv, Conv2d):
+        raise TypeError(f"polyphase_factors: conv must be a linop Conv2d, got {type(conv).__name__}")
+    geo = polyphase_geometry(conv.in_shape[1:], conv.kernel_size, conv.padding, conv.stride, conv.dilation)
+    sh, sw = geo.stride
+    w_poly = Conv2d(polyphase_kernel(conv.weight, geo), (conv.in_shape[0] * sh * sw,) + geo.phase_hw,
+                    padding=geo.padding, groups=conv.groups)
+    return w_poly, Polyphase(conv.in_shape, geo.stride, dtype=conv.dtype)
