@@ -396,7 +396,8 @@ def reconstructed_activations(
     x_b = lin.x_b
     acc: dict[str, torch.Tensor] = {}
     for ch, bias, cols in plan["passes"]:
-        for LJ in lin.sweep(layers, channels=ch, bias=bias, bias_cols=cols):
+        # transient: each Jacobian is contracted before the sweep goes on, so slopes may overwrite its batches
+        for LJ in lin.sweep(layers, channels=ch, bias=bias, bias_cols=cols, transient=True):
             part = LJ.dot(lin.x, x_b if bias else None)
             acc[LJ.name] = acc[LJ.name] + part if LJ.name in acc else part
             del LJ  # the sweep frees states its later nodes no longer read: hold none of them here

@@ -534,7 +534,7 @@ class WrappedOp(nn.Module):
 
 @pytest.mark.parametrize("mod,pattern", [
     (Custom(nn.GELU()), r"fx node 'act'.*call_module.*GELU.*test_convert\.py:\d+"),
-    (Custom(nn.PixelUnshuffle(2)), r"fx node 'act'.*PixelUnshuffle.*test_convert\.py:\d+"),
+    (Custom(nn.LocalResponseNorm(2)), r"fx node 'act'.*LocalResponseNorm.*test_convert\.py:\d+"),
     (PyOp(), r"fx node 'sin'.*call_function.*sin.*test_convert\.py:\d+ `return torch\.sin"),
     (WrappedOp(), r"fx node 'my_custom_op'.*call_function.*my_custom_op.*test_convert\.py:\d+"),
 ])

@@ -301,10 +301,14 @@ class LayerJacobian:
             n = nc * Py * Px
             k = n if self.chunk is None else max(1, min(n, int(self.chunk)))  # bounds the product's size
             xg = xg.reshape(n, S)
-            if Tcl is not None and (G, S) == (Tcl.shape[2], Tcl.shape[1]):
-                # channels-last: Σ_{c,colour} T[(c, colour), s, g]·x[c, colour, s] in the stored order
-                acc = sum((Tcl[a:a + k] * xg[a:a + k, :, None]).sum(0) for a in range(0, n, k))
-                out = (acc if n else Tcl.new_zeros(S, G)).t().reshape(U)
+            if Tcl is not None and (G, S) == (Tcl.shape[2], Tcl.shape[1]) and n:
+                # channels-last: out[s, g] = Σ_{c,colour} x[c, colour, s]·T[(c, colour), s, g], one
+                # (1 × n)·(n × G) product per position s — a batched GEMM reading the stored
+                # batch in place (its (S, n, G) view has unit stride along g), no product temporary
+                acc = torch.bmm(xg.t().unsqueeze(1), Tcl.permute(1, 0, 2)).reshape(S, G)
+                out = acc.t().reshape(U)
+            elif Tcl is not None and (G, S) == (Tcl.shape[2], Tcl.shape[1]):
+                out = Tcl.new_zeros(U)
             else:
                 T3 = self.T.reshape(n, G, S)
                 acc = sum((T3[a:a + k] * xg[a:a + k, None, :]).sum(0) for a in range(0, n, k))

@@ -206,7 +206,7 @@ class Linearisation:
     # ---------------------------------------------------------------- forward sweep
     def sweep(self, layers: Sequence[str] | None = None, channels: Sequence[int] | None = None,
               bias: bool = True, check_memory: bool = True, schedule: str = "auto",
-              bias_cols: Sequence[int] | None = None) -> Iterator[LayerJacobian]:
+              bias_cols: Sequence[int] | None = None, transient: bool = False) -> Iterator[LayerJacobian]:
         """Forward pass of compressed tangents; yields a :class:`LayerJacobian` for every
         requested unit layer (or node name), in topological order.
 
@@ -224,8 +224,12 @@ class Linearisation:
         bias_cols : with ``bias``, the columns of ``x_b`` whose tangents to include (default
             all); the Jacobian's other bias columns come back as zero.  Column groups of a pass
             add up: ``J = Σ_passes J_pass`` exactly, since each column is in one pass.
+        transient : the caller uses each yielded Jacobian before asking for the next and keeps
+            none of them (e.g. contracts it with :meth:`LayerJacobian.dot`): later steps may then
+            overwrite its batches in place (a slope after a unit layer multiplies the tangents
+            it passes on in place — no new state).  False (default): yielded batches stay intact.
         """
-        return _sweep(self, layers, channels, bias, check_memory, schedule, bias_cols)
+        return _sweep(self, layers, channels, bias, check_memory, schedule, bias_cols, transient)
 
     def layer(self, layer: str, channels: Sequence[int] | None = None, bias: bool = True) -> LayerJacobian:
         """The :class:`LayerJacobian` of one unit layer (a sweep that stops there)."""

@@ -268,6 +268,11 @@ def memory_plan(nodes: Sequence[Node], period: dict[str, Period], new_cols: dict
     row fits, ``k = R_n`` (one chunk, no copy).  ``fits`` is False when even ``k = 1`` exceeds
     the budget (the states alone do not fit: fewer channels / bias columns per pass).
 
+    The fused evaluation strategies only lower what this counts: a recolour or residual sum
+    written straight into its chunk's slot of the state makes no result temporary, a slope of
+    in place makes no new state
+    (:func:`linop.linearize.tangents.step_in_place`), ``dot``'s batched GEMM no product.
+
     Returns ``{"period", "n_bias_cols", "state_bytes", "rows", "chunk", "node_peak", "peak_bytes",
     "fits"}`` (per node: periods, bias columns, state bytes, tangents ``R_n``, chunk ``k``, the
     planned bytes while it runs).

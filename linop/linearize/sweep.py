@@ -8,6 +8,12 @@ operator; before a node whose period exceeds its input's, the input is *recolour
 exact gather with an x-independent, cached index); a recoloured residual input is kept for its
 later consumers, so no gather is repeated.
 
+Fused strategies (each tested equal to the plain step, ``tests/test_sweep_fused.py``): recolours
+and residual sums write into the chunk's slot of the preallocated state; a slope whose input
+batches nothing else reads (no other live state; no Jacobian handed to the caller, unless the sweep
+is ``transient`` — the verification's: each Jacobian is contracted before the next node runs)
+multiplies them in place.
+
 Memory: the plan (:func:`linop.linearize.schedule.memory_plan`) sizes, per node, the chunk of
 tangents its step evaluates at a time (the operator's own torch path on row slices, written into
 the preallocated output state), so that the live states plus one chunk's temporaries stay within
@@ -26,7 +32,7 @@ from ..network.geometry import full_window
 from ..utils import gib
 from .layer_jacobian import LayerJacobian
 from .schedule import PLAN_RESERVE, recolour_walk
-from .tangents import State, input_state, recolour, step
+from .tangents import State, input_state, recolour, step, step_in_place
 
 if TYPE_CHECKING:  # pragma: no cover
     from .linearisation import Linearisation
@@ -67,7 +73,7 @@ def trim_when_tight(enabled: bool) -> None:
 
 def sweep(lin: "Linearisation", layers: Sequence[str] | None = None, channels: Sequence[int] | None = None,
           bias: bool = True, check_memory: bool = True, schedule: str = "auto",
-          bias_cols: Sequence[int] | None = None) -> Iterator[LayerJacobian]:
+          bias_cols: Sequence[int] | None = None, transient: bool = False) -> Iterator[LayerJacobian]:
     """See :meth:`Linearisation.sweep`."""
     targets = list(layers) if layers is not None else lin.unit_layers
     tnodes = {lin.node_of(t).name: t for t in targets}
@@ -85,11 +91,36 @@ def sweep(lin: "Linearisation", layers: Sequence[str] | None = None, channels: S
             f"(Linearisation.vjp) for a few units"
         )
     # the identity batch needs no receptive fields: every window is the whole image
-    return _run(lin, tnodes, chans, plan, None if plan["schedule"] == "identity" else lin.net.geometry())
+    return _run(lin, tnodes, chans, plan, None if plan["schedule"] == "identity" else lin.net.geometry(),
+                bool(transient))
+
+
+def _storages(st: State) -> set[int]:
+    """Addresses of the memory behind a state's batches (empty batches own none)."""
+    return {T.untyped_storage().data_ptr() for T in (st.Ti, st.Tb) if T.numel()}
+
+
+def _in_place(lin: "Linearisation", n, i: int, Pn, states: dict[str, State], last: dict[str, int],
+              yielded: set[int]) -> State | None:
+    """The node's step evaluated in place on its only input's batches
+    (:func:`~linop.linearize.tangents.step_in_place`) when nothing else reads them afterwards: the
+    input's last consumer, at the input's period, its batches shared with no other live state
+    (an identity step passes its input's batches on) and with no Jacobian handed to the caller
+    (unless the sweep is ``transient``: ``yielded`` is then empty); else None."""
+    if len(n.inputs) != 1 or n.reads_bias:
+        return None
+    j = n.inputs[0]
+    s = states[j]
+    if last[j] != i or s.P != Pn:
+        return None
+    mine = _storages(s)
+    if mine & yielded or any(mine & _storages(t) for k, t in states.items() if k != j):
+        return None
+    return step_in_place(lin.node_operator(n.name), s)
 
 
 def _run(lin: "Linearisation", tnodes: dict[str, str], chans: torch.Tensor, plan: dict,
-         geom: dict | None) -> Iterator[LayerJacobian]:
+         geom: dict | None, transient: bool = False) -> Iterator[LayerJacobian]:
     sched = plan["period"]
     chunk = plan["chunk"]
     new_cols = plan["new_cols"]
@@ -101,6 +132,7 @@ def _run(lin: "Linearisation", tnodes: dict[str, str], chans: torch.Tensor, plan
     walk = recolour_walk(nodes, sched)
     tight = any(plan["chunk"][k] < plan["rows"][k] for k in plan["rows"])  # the budget binds
     states: dict[str, State] = {}
+    yielded: set[int] = set()  # storages of the batches handed to the caller
     for i, n in enumerate(nodes):
         Pn = sched[n.name]
         if not n.inputs:
@@ -111,13 +143,18 @@ def _run(lin: "Linearisation", tnodes: dict[str, str], chans: torch.Tensor, plan
                     s = states[j]
                     states[j] = State(recolour(s.Ti, nc, s.P, Pn, geom[j], chunk[n.name]), Pn, s.Tb, s.cols)
                     del s  # the state at the old period is no longer read: free it now
-            ins = [states[j] for j in n.inputs]
-            geoms = [geom[j] if geom is not None else None for j in n.inputs]
-            st = step(lin.node_operator(n.name), len(n.inputs), n.reads_bias, ins, Pn, lin.net.n_bias,
-                      tuple(n.out_shape), nc, geoms, bias=True, chunk=chunk[n.name], new_cols=new_cols.get(n.name, _NONE))
-            del ins
+            st = _in_place(lin, n, i, Pn, states, last, yielded)
+            if st is None:
+                ins = [states[j] for j in n.inputs]
+                geoms = [geom[j] if geom is not None else None for j in n.inputs]
+                st = step(lin.node_operator(n.name), len(n.inputs), n.reads_bias, ins, Pn, lin.net.n_bias,
+                          tuple(n.out_shape), nc, geoms, bias=True, chunk=chunk[n.name],
+                          new_cols=new_cols.get(n.name, _NONE))
+                del ins
         states[n.name] = st
         if n.name in tnodes:
+            if not transient:  # the caller may keep this Jacobian: its batches are never overwritten
+                yielded |= _storages(st)
             U = int(np.prod(n.out_shape))
             g = geom[n.name] if geom is not None else full_window(U, H, W)
             yield LayerJacobian(

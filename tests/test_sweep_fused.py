@@ -1,0 +1,240 @@
+"""The sweep's fused evaluation strategies (issue 10, float32 throughput) equal the plain paths.
+
+* the recolour of a channels-last batch by a row ``index_select`` (whole channel vectors) is
+  the elementwise gather of the standard layout, bit for bit (both copy source entries or
+  write exact zeros), also written into a chunk's slot of a preallocated batch;
+* a residual sum ``[I, I]`` written straight into the chunk's slot is ``HStack``'s own sum,
+  bit for bit (the same single addition per entry);
+* :meth:`LayerJacobian.dot` on a channels-last batch below the full period (a batched GEMM)
+  equals the dense contraction ``<x, H^I> + <x_b, H^b>`` of the densified rows;
+* a sweep whose budget binds (chunked steps written into preallocated states) equals the
+  unchunked one.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from linop.convert import from_torch
+from linop.linearize import linearise
+from linop.linearize.tangents import (
+    apply_parts,
+    recolour,
+    recolour_rows,
+    spatial_groups,
+)
+from linop.operators.composite import HStack
+from linop.operators.structural import Identity
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+EPS64 = float(np.finfo(np.float64).eps)
+
+
+class _Res(nn.Module):
+    """A residual block, a strided conv, BN biases, LeakyReLU: periods below the image size."""
+
+    def __init__(self, w: int = 5):
+        super().__init__()
+        self.c0 = nn.Conv2d(3, w, 3, padding=1)
+        self.bn = nn.BatchNorm2d(w)
+        self.c1 = nn.Conv2d(w, w, 3, padding=1)
+        self.c2 = nn.Conv2d(w, 2 * w, 3, padding=1, stride=2)
+        self.act = nn.LeakyReLU(0.1)
+        self.fc = nn.Linear(2 * w * 4 * 4, 4)
+
+    def forward(self, x):
+        a = self.act(self.bn(self.c0(x)))
+        a = self.act(self.c1(a) + a)
+        a = nn.functional.avg_pool2d(self.act(self.c2(a)), 2)
+        return self.fc(torch.flatten(a, 1))
+
+
+@pytest.fixture(scope="module")
+def res():
+    torch.manual_seed(0)
+    m = _Res().eval()
+    with torch.no_grad():
+        m.bn.running_mean.uniform_(-0.3, 0.3)
+        m.bn.running_var.uniform_(0.5, 1.5)
+        m.bn.bias.uniform_(-0.3, 0.3)
+    net = from_torch(m, (3, 16, 16), torch.float64)
+    x = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64) - 0.3
+    return net, x
+
+
+def _cl(T: torch.Tensor) -> torch.Tensor:
+    return T.contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_recolour_rows_channels_last_equals_gather(res, dtype):
+    """Every (node, P -> Pn) raise: the channels-last row copy equals the standard-layout gather
+    bit for bit (pure copies and exact zeros; the tangents hold no zeros, so every zero of the
+    result is a filled one and a missed fill fails), whole and per chunk into a batch's slot."""
+    net, x = res
+    lin = linearise(net, x)
+    geom = lin.geometry()
+    g_ = torch.Generator().manual_seed(2)
+    nc, tried, zeros = 2, 0, 0
+    for n in net.nodes:
+        shape = tuple(n.out_shape)
+        g = geom[n.name]
+        if len(shape) != 3 or spatial_groups(g, shape)[0] != shape[0] or shape[0] < 2:
+            continue
+        P = (g.ry, g.rx)
+        for Pn in {(P[0] + 1, P[1] + 2), (shape[1] + 3, shape[2] + 3)}:
+            rows = nc * P[0] * P[1]
+            T = torch.rand((rows,) + shape, generator=g_, dtype=torch.float64).to(dtype) + 0.5  # no zeros
+            Tc = _cl(T)
+            assert not Tc.is_contiguous()
+            ref = recolour_rows(T, nc, P, Pn, g, 0, nc * Pn[0] * Pn[1])  # the gather path
+            fast = recolour_rows(Tc, nc, P, Pn, g, 0, nc * Pn[0] * Pn[1])
+            assert fast.is_contiguous(memory_format=torch.channels_last)
+            assert torch.equal(fast, ref), (n.name, P, Pn)
+            zeros += int((ref == 0).sum())
+            k = max(1, ref.shape[0] // 3)  # chunked, into the slots of one preallocated batch
+            assert torch.equal(recolour(Tc, nc, P, Pn, g, chunk=k), ref)
+            out = _cl(torch.full_like(ref, float("nan")))
+            r0, r1 = k, min(ref.shape[0], 2 * k + 1)
+            got = recolour_rows(Tc, nc, P, Pn, g, r0, r1, out=out[r0:r1])
+            assert got.data_ptr() == out[r0:r1].data_ptr()  # written in place, no copy
+            assert torch.equal(out[r0:r1], ref[r0:r1])
+            tried += 1
+    assert tried >= 4 and zeros > 0, (tried, zeros)  # zeros: residues outside a window were filled
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_residual_sum_into_slot_equals_hstack(dtype):
+    """``[I, I]`` on two row chunks written into the chunk's slot: HStack's sum bit for bit."""
+    shape = (4, 5, 3)
+    op = HStack([Identity(shape), Identity(shape)])
+    g = torch.Generator().manual_seed(3)
+    a, b = (_cl(torch.randn((7,) + shape, generator=g, dtype=torch.float64).to(dtype)) for _ in range(2))
+    ref = op.apply_parts([a, b])
+    out = _cl(torch.full((9,) + shape, float("nan"), dtype=dtype))
+    got = apply_parts(op, [a, b], out=out[1:8])
+    assert got.data_ptr() == out[1:8].data_ptr()
+    assert torch.equal(out[1:8], ref)
+    assert torch.equal(apply_parts(op, [a, b]), ref)  # without a slot: the operator's own path
+
+
+def test_dot_below_full_period_equals_dense_rows(res):
+    """ĉ from the compressed channels-last tangents (a batched GEMM per position) equals the
+    contraction of the densified rows with [x; x_b], per unit to 8·d·ε·Σ_i|x_i·H_ui| (d = C·H·W +
+    n_b terms summed in two orders; each within d·ε·Σ|x_i·H_ui| of the exact sum)."""
+    net, x = res
+    lin = linearise(net, x)
+    d = x.numel() + net.n_bias
+    seen = 0
+    for LJ in lin.sweep():
+        HI, Hb = LJ.image(), LJ.bias()
+        ref = (HI.reshape(HI.shape[0], -1) @ x.reshape(-1)) + Hb @ lin.x_b
+        mag = (HI.reshape(HI.shape[0], -1).abs() @ x.reshape(-1).abs()) + Hb.abs() @ lin.x_b.abs()
+        got = LJ.dot(lin.x, lin.x_b)
+        assert bool(((got - ref).abs() <= 8 * d * EPS64 * mag + 1e-300).all()), LJ.name
+        if LJ.P != tuple(lin.image_shape[1:]) and LJ.T.dim() == 4 and not LJ.T.is_contiguous():
+            seen += 1
+    assert seen >= 2, "no channels-last target below the full period: the GEMM path is untested"
+
+
+def test_chunked_sweep_equals_unchunked(res, monkeypatch):
+    """A budget that chunks the steps (recolours and sums written into preallocated states)
+    gives the densified rows of the unchunked sweep: recolours and sums bit for bit, convs up
+    to the rounding of a differently blocked GEMM (≤ 1e-13 of the row's largest entry)."""
+    net, x = res
+    big = linearise(net, x, memory_budget="8GiB")
+    full = big.plan()["peak_bytes"]
+    lin = linearise(net, x, memory_budget=int(full * 0.45))
+    p = lin.plan()
+    assert p["fits"] and any(p["chunk"][k] < p["rows"][k] for k in p["rows"])
+    for A, B in zip(big.sweep(), lin.sweep()):
+        for a, b in ((A.image(), B.image()), (A.bias(), B.bias())):
+            a, b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
+            scale = a.abs().amax(1, keepdim=True).clamp_min(1e-300)
+            assert float(((a - b).abs() / scale).max()) <= 1e-13, A.name
+
+
+class _Shared(nn.Module):
+    """A conv output read twice: through BN and a slope, and by the residual sum after it."""
+
+    def __init__(self):
+        super().__init__()
+        self.c0 = nn.Conv2d(2, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.c1 = nn.Conv2d(4, 4, 3, padding=1)
+        self.act = nn.LeakyReLU(0.1)
+
+    def forward(self, x):
+        h = self.c0(x)
+        return self.c1(self.act(self.bn(h)) + h)
+
+
+@pytest.mark.parametrize("which", ["res", "shared"])
+def test_transient_sweep_in_place_slopes_equal_plain(res, which, monkeypatch):
+    """A transient sweep (the study's: each Jacobian contracted before the next) multiplies the
+    slopes in place (also those after a unit layer, unlike a plain sweep); its ĉ equals the plain
+    sweep's bit for bit (the same products), and a plain sweep's yielded Jacobians stay intact when kept (all densified after
+    the sweep = densified as they come)."""
+    from linop.linearize import sweep as sweep_mod
+
+    if which == "res":
+        net, x = res
+    else:
+        torch.manual_seed(4)
+        m = _Shared().eval()
+        with torch.no_grad():
+            m.bn.running_mean.uniform_(-0.3, 0.3)
+            m.bn.running_var.uniform_(0.5, 1.5)
+        net = from_torch(m, (2, 8, 8), torch.float64)
+        x = torch.rand(2, 8, 8, generator=torch.Generator().manual_seed(5), dtype=torch.float64) - 0.3
+    lin = linearise(net, x)
+    calls = []
+    real = sweep_mod.step_in_place
+
+    def counted(op, s):
+        st = real(op, s)
+        calls.append(st is not None)
+        return st
+
+    monkeypatch.setattr(sweep_mod, "step_in_place", counted)
+    plain = {LJ.name: LJ.dot(lin.x, lin.x_b) for LJ in lin.sweep()}
+    n_plain = sum(calls)  # slopes after a residual sum (not a yielded state) may run in place here too
+    fast = {LJ.name: LJ.dot(lin.x, lin.x_b) for LJ in lin.sweep(transient=True)}
+    # res: the slope after BN after a unit layer runs in place only when transient; shared: the
+    # slope after the BN scale runs in place while the conv output it came from is still live
+    assert sum(calls) - n_plain > (n_plain if which == "res" else 0), "no slope ran in place"
+    assert plain.keys() == fast.keys()
+    for k, v in plain.items():
+        assert torch.equal(v, fast[k]), k
+    now = {LJ.name: (LJ.image(), LJ.bias()) for LJ in lin.sweep()}
+    kept = list(lin.sweep())
+    for LJ in kept:
+        assert torch.equal(LJ.image(), now[LJ.name][0]) and torch.equal(LJ.bias(), now[LJ.name][1]), LJ.name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_plain_avg_pool_equals_the_operator(dtype):
+    """Whole-window average pools (the ResNet shortcuts) pool with torch's kernel: the operator's
+    own values (a ones-kernel depthwise conv, then the divisor) up to the order of each window's
+    k_h·k_w-term sum — within 2·k_h·k_w·ε of the window mean of |x| (each sum within
+    (k_h·k_w - 1)·ε·Σ|x_i| of the exact one, the division exact to ½ ulp); pools with padding,
+    ceil mode or overlapping windows keep the operator's path."""
+    from linop.linearize.tangents import _plain_avg_pool
+    from linop.operators import AvgPool2d
+
+    eps = float(torch.finfo(dtype).eps)
+    g = torch.Generator().manual_seed(6)
+    for shape, k in (((4, 8, 8), 2), ((3, 9, 7), (3, 2))):
+        op = AvgPool2d(shape, k)
+        assert _plain_avg_pool(op)
+        for x in (torch.randn((5,) + shape, generator=g, dtype=torch.float64).to(dtype),):
+            for xx in (x, _cl(x)):
+                ref, got = op._apply(xx), apply_parts(op, [xx])
+                kk = int(np.prod(op.kernel_size))
+                bound = 2 * kk * eps * torch.nn.functional.avg_pool2d(xx.abs(), op.kernel_size, op.stride)
+                assert got.shape == ref.shape and bool(((got - ref).abs() <= bound).all())
+    for op in (AvgPool2d((2, 6, 6), 2, padding=1), AvgPool2d((2, 7, 7), 2, ceil_mode=True),
+               AvgPool2d((2, 6, 6), 3, stride=1), AvgPool2d((2, 6, 6), 2, divisor_override=3)):
+        assert not _plain_avg_pool(op)
