@@ -15,7 +15,8 @@ Every runner computes the minimum-norm least-squares correction ``a* = â + W⁺
 ``fft-exact``   exact, direct: FFT + boundary capacitance matrix factored once per layer;
                 unpadded stride-1 convs by :class:`.CapacitanceSolver`, all others (any zero
                 padding, stride via polyphase, dilation, groups per group) by
-                :class:`.ExactConvSolver` (boundary + ring).
+                :class:`.ExactConvSolver` (boundary + ring); where it certifies full column
+                rank (CCP), ``a* = W⁺ (z* − b)`` directly (no ``W â``; ``info["form"]``).
 ==============  ==============================================================================
 """
 from __future__ import annotations
@@ -47,6 +48,8 @@ __all__ = [
 ]
 
 Run = "tuple[torch.Tensor, dict[str, Any]]"
+#: Rows one capacitance solve of a single-pass solver takes at once (its BLAS-3 triangular solves).
+_SOLVE_ROWS = 256
 
 
 def run_dense(prob: Problem, opts: SolveOptions) -> Run:
@@ -184,12 +187,45 @@ def _exact_solver(prob: Problem, opts: SolveOptions, method: str = "auto") -> Ex
 
 
 def _run_padded(prob: Problem, opts: SolveOptions, method: str = "auto") -> Run:
-    """Any other conv: :class:`ExactConvSolver` (groups × polyphase × :class:`PaddedConvSolver`)."""
+    """Any other conv: :class:`ExactConvSolver` (groups × polyphase × :class:`PaddedConvSolver`).
+
+    Where the factorisation certifies a full-column-rank (CCP) ``W`` that needs no refinement
+    (:attr:`.PaddedConvSolver.ccp_direct`), ``a* = W⁺ (z* − b)``: the same point as
+    ``â + W⁺ (z* − b − W â)`` (``W⁺W = I``), without the conv ``W â``.  Otherwise the correction.
+    The right-hand side is formed in row blocks (:meth:`.Problem.row_chunks`), never whole: a
+    single-pass solver takes them as they come (:meth:`ExactConvSolver.solve_blocks`, capacitance
+    solves of :data:`_SOLVE_ROWS` rows), any other one solves each block.
+    """
     ps = _exact_solver(prob, opts, method)
     tol = float(opts.tol) if opts.tol is not None else None
-    delta, it_info = ps.solve(prob.rhs().reshape((prob.N,) + tuple(ps.out_shape)), tol=tol, maxiter=opts.maxiter)
-    info: dict[str, Any] = {**ps.info(), **it_info, "tol": tol}
-    return prob.a_hat + delta.reshape(prob.N, -1).to(prob.a_hat), info
+    shape = (-1,) + tuple(ps.out_shape)
+    if getattr(ps, "method", None) == "pcg":  # one batched Krylov run
+        delta, it_info = ps.solve(prob.rhs().reshape(shape), tol=tol, maxiter=opts.maxiter)
+        info: dict[str, Any] = {**ps.info(), **it_info, "tol": tol}
+        return prob.a_hat + delta.reshape(prob.N, -1).to(prob.a_hat), info
+    direct = bool(getattr(ps, "ccp_direct", False))
+    rows = prob.target_rows if direct else prob.rhs_rows
+    # blocks of at most 64 rows and 16 MiB (below glibc's largest mmap threshold, 32 MiB: the
+    # block temporaries are reused from the heap instead of page-faulted in afresh)
+    blocks = prob.row_chunks(16 * 1024**2, 64)
+    form = "direct W⁺(z* − b)" if direct else "correction"
+    if getattr(ps, "single_pass", False):
+        d = ps.solve_blocks((rows(k0, k1).reshape(shape) for k0, k1 in blocks), _SOLVE_ROWS).reshape(prob.N, -1)
+        a = d.to(prob.a_hat) if direct else prob.a_hat + d.to(prob.a_hat)
+        N = prob.N
+        return a, {**ps.info(), "iterations": np.zeros(N, dtype=np.int64), "converged": np.ones(N, dtype=bool),
+                   "method": "capacitance", "tol": tol, "form": form}
+    a = torch.empty_like(prob.a_hat)
+    parts = []
+    for k0, k1 in blocks:
+        d, it = ps.solve(rows(k0, k1).reshape(shape), tol=tol, maxiter=opts.maxiter)
+        a[k0:k1] = d.reshape(k1 - k0, -1) if direct else prob.a_hat[k0:k1] + d.reshape(k1 - k0, -1).to(prob.a_hat)
+        parts.append(it)
+    info = {**ps.info(), **parts[0], "tol": tol, "form": form}
+    for key in ("iterations", "converged", "stagnated", "last_update"):  # per-sample arrays
+        if key in parts[0]:
+            info[key] = np.concatenate([p[key] for p in parts])
+    return a, info
 
 
 def run_fft_exact(prob: Problem, opts: SolveOptions) -> Run:
@@ -216,6 +252,7 @@ def run_fft_exact(prob: Problem, opts: SolveOptions) -> Run:
     delta, it_info = cs.solve(prob.rhs().reshape((prob.N,) + cs.out_shape), tol=rt, maxiter=mi)
     info.update(it_info)
     info["tol"] = rt if cs.lam > 0 else None
+    info["form"] = "correction"
     return prob.a_hat + delta.reshape(prob.N, -1).to(prob.a_hat), info
 
 

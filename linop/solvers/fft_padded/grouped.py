@@ -18,6 +18,7 @@ Each remaining block is a padded stride-1 conv, solved by :class:`.PaddedConvSol
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -115,6 +116,41 @@ class ExactConvSolver:
         self.lam = max(ps.lam for ps, _ in self.parts)
         self.factor_seconds = time.perf_counter() - t0
 
+    @property
+    def ccp_direct(self) -> bool:
+        """``a* = W⁺ (z* − b)`` may be solved for directly (:attr:`.PaddedConvSolver.ccp_direct`):
+        every block qualifies and none has unused phase channels (zero columns of ``W``, where
+        ``â`` is kept)."""
+        return all(ps.ccp_direct and used is None for ps, used in self.parts)
+
+    @property
+    def single_pass(self) -> bool:
+        """One group whose direct solve is the answer (:attr:`.PaddedConvSolver.single_pass`):
+        :meth:`solve_blocks` applies."""
+        return len(self.parts) == 1 and self.parts[0][0].single_pass
+
+    def solve_blocks(self, blocks: Iterable[torch.Tensor], chunk: int = 256) -> torch.Tensor:
+        """``δ = W⁺ r`` for ``r`` given as row blocks ``(n_i, *out_shape)``, formed lazily by the caller
+        (:meth:`.PaddedConvSolver.solve_blocks`; :attr:`single_pass` required).  Returns (N, *in_shape)."""
+        if not self.single_pass:
+            raise ValueError("ExactConvSolver.solve_blocks: needs one group with a single-pass solver; use solve()")
+        ps, used = self.parts[0]
+        d = ps.solve_blocks(blocks, chunk)
+        return self._assemble([(d, used)])
+
+    def _assemble(self, parts: list) -> torch.Tensor:
+        """Per-group answers ``(δ_g, used phase channels or None)`` → δ (N, *in_shape)."""
+        N, (_, H, W) = parts[0][0].shape[0], self.in_shape
+        out = []
+        for d, used in parts:
+            if used is not None:  # unused phase channels: zero rows of W_poly⁺
+                full = d.new_zeros((N, self.cig * self.phases) + tuple(d.shape[2:]))
+                full[:, used] = d
+                d = full
+            out.append(from_polyphase(d, self.stride, (H, W)) if self.stride != (1, 1) else d)
+        delta = torch.cat(out, dim=1) if len(out) > 1 else out[0]
+        return delta.reshape((N,) + (self.in_shape[0], H, W))
+
     @classmethod
     def from_operator(cls, op: Any, **kw: Any) -> ExactConvSolver:
         """Build from a :class:`~linop.operators.Conv2d`."""
@@ -136,23 +172,18 @@ class ExactConvSolver:
             raise ValueError(f"ExactConvSolver.solve: r must have shape (N, {', '.join(map(str, self.out_shape))}), "
                              f"got {tuple(r.shape)}")
         r = r.to(device=self.device, dtype=self.dtype)
-        N, (_, H, W) = r.shape[0], self.in_shape
-        out, infos = [], []
+        parts, infos = [], []
         for g, (ps, used) in enumerate(self.parts):
             d, info = ps.solve(r[:, g * self.cog:(g + 1) * self.cog], tol=tol, maxiter=maxiter, chunk=chunk,
                                refine=refine)
-            if used is not None:  # unused phase channels: zero rows of W_poly⁺
-                full = d.new_zeros((N, self.cig * self.phases) + tuple(d.shape[2:]))
-                full[:, used] = d
-                d = full
-            out.append(from_polyphase(d, self.stride, (H, W)) if self.stride != (1, 1) else d)
+            parts.append((d, used))
             infos.append(info)
-        delta = torch.cat(out, dim=1) if len(out) > 1 else out[0]
+        delta = self._assemble(parts)
         info = dict(infos[0])
         if len(infos) > 1:
             info["iterations"] = np.max([i["iterations"] for i in infos], axis=0)
             info["converged"] = np.all([i["converged"] for i in infos], axis=0)
-        return delta.reshape((N,) + (self.in_shape[0], H, W)), info
+        return delta, info
 
     def info(self) -> dict:
         """The first group's :meth:`.PaddedConvSolver.info`, with the group / polyphase structure."""

@@ -122,12 +122,14 @@ class TorusLift:
         to = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(dev, cdt).reshape((F,) + a.shape[-2:])
         # Sᵀ: the outputs sit at (rows[0] + i, cols[0] + j) mod T — a zero-padded FFT times this phase
         phase = shift_phase(torus, (rows[0], cols[0]))[..., None, None]
+        # rhs() takes r, not r̃ = r / s: the 1/s is folded into its first matrix (M1, or the
+        # transposed conv's kernel wT) instead of a pass over the wide right-hand side
         if case == "MDP":
-            self.M1 = to(self.s * gram_inv * phase)  # ĥ = s Ĥ F(Sᵀ r̃)
+            self.M1 = to(gram_inv * phase)  # ĥ = s Ĥ F(Sᵀ r̃) = Ĥ F(Sᵀ r)
             self.M0 = to(gram_inv)
             self.KH = to(khH)
         else:
-            self.M1 = to(self.s * MG * phase)  # ĝ = s Ẑ K̂ᴴ F(Sᵀ r̃)
+            self.M1 = to(MG * phase)  # ĝ = s Ẑ K̂ᴴ F(Sᵀ r̃) = Ẑ K̂ᴴ F(Sᵀ r)
             self.M0 = to(self.s * gram_inv)
         # CCP: Cᵀ Sᵀ r̃ by the direct transposed conv (full output, folded onto the torus) when that
         # is cheaper than C_out FFTs + a C_in × C_out product (few input channels, e.g. RGB convs).
@@ -138,7 +140,9 @@ class TorusLift:
         self.spatial_first = case == "CCP" and (
             2 * C_in * kh * kw * Ho * Wo / 10 < 0.7 * T2 * np.log2(T2) + C_in * F)
         if case == "CCP":  # (both branches stay available: tests compare them)
-            self.w4 = weight
+            # Cᵀ Sᵀ r̃ = (Cᵀ/s) Sᵀ r as one batched GEMM (C_in k_h k_w × C_out) and a col2im (full_transposed)
+            self.wT = (weight / self.s).reshape(C_out, C_in * kh * kw).T.contiguous()
+            self.kernel = (kh, kw)
             self.fold_r = torch.as_tensor((np.arange(Ho + kh - 1) + int(rows[0]) - kh + 1) % Th, device=dev)
             self.fold_c = torch.as_tensor((np.arange(Wo + kw - 1) + int(cols[0]) - kw + 1) % Tw, device=dev)
         self.B = torch.as_tensor(boundary, device=dev)
@@ -177,18 +181,27 @@ class TorusLift:
     def _irfft(self, X: torch.Tensor) -> torch.Tensor:
         return torch.fft.irfft2(X, s=self.torus)
 
+    def full_transposed(self, r: torch.Tensor) -> torch.Tensor:
+        """``conv_transpose2d(r, w / s)`` (full output, (N, C_in, H_out + k_h − 1, W_out + k_w − 1)): the
+        taps of all outputs by one batched GEMM, summed into place by ``fold`` (col2im).  Equal to
+        the torch transposed conv (tested); measured ~1.7× faster in float64, whose transposed conv
+        runs one GEMM + col2im per sample."""
+        N, (Ho, Wo), (kh, kw) = r.shape[0], self.out_hw, self.kernel
+        cols = torch.matmul(self.wT, r.reshape(N, self.C_out, Ho * Wo))  # (N, C_in k_h k_w, H_out W_out)
+        return torch.nn.functional.fold(cols, (Ho + kh - 1, Wo + kw - 1), (kh, kw))
+
     # ------------------------------------------------------------------ per batch
-    def rhs(self, rt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(b_B, b_P, spectrum kept for :meth:`lift`)`` for ``r̃`` (N, C_out, H_out, W_out)."""
-        N = rt.shape[0]
+    def rhs(self, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(b_B, b_P, spectrum kept for :meth:`lift`)`` for ``r̃ = r / s``; takes ``r`` (N, C_out, H_out, W_out)."""
+        N = r.shape[0]
         if self.spatial_first:  # ĝ = s Ẑ F(Cᵀ Sᵀ r̃): full transposed conv, output j at torus j − p_t
-            full = torch.nn.functional.conv_transpose2d(rt, self.w4)
+            full = self.full_transposed(r)
             Th, Tw = self.torus
             v = full.new_zeros(full.shape[:2] + (Th, full.shape[3])).index_add_(2, self.fold_r, full)
             v = v.new_zeros(full.shape[:2] + (Th, Tw)).index_add_(3, self.fold_c, v)
             Y = freq_mul(self.M0, self._rfft(v))
         else:
-            Y = freq_mul(self.M1, self._rfft(rt))  # ĥ (MDP) / ĝ (CCP)
+            Y = freq_mul(self.M1, self._rfft(r))  # ĥ (MDP) / ĝ (CCP)
         u = self._irfft(Y).reshape(N, Y.shape[1], -1)
         if self.case == "MDP":
             bB = self.s * u[:, :, self.B]
