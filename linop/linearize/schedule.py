@@ -213,13 +213,18 @@ def recolour_walk(nodes: Sequence[Node], period: dict[str, Period]) -> list[list
 
 
 def conv_workspace(op: Any, itemsize: int) -> int:
-    """Elements of torch's own workspace per tangent of a convolution ``op`` (0 for other ops).
+    """Elements of a convolution ``op``'s own workspace per tangent (0 for other ops).
 
-    CPU float64 (and any dtype without oneDNN) runs ``slow_conv2d``: an im2col column buffer of
-    ``C_in·k_h·k_w·H_out·W_out`` elements per batch entry for the whole batch before the GEMMs
-    (measured: a float64 3×3 conv of a 32 MB batch grows the RSS by 9 × 32 MB + the output).
-    oneDNN (float32 on the CPU) works without columns; its layout reorders are covered by the
-    generic one-input-one-output temporaries of :func:`memory_plan`."""
+    CPU float64 stride-1 convolutions that :func:`linop.operators.conv_gemm.rule` sends to the
+    shifted-GEMM path allocate the padded CNHW input and the output grid, ``(C_in + C_out)·G``
+    per tangent (:func:`~linop.operators.conv_gemm.workspace`, ``G`` the padded image slot; the
+    result is a view of the grid).  Other float64 convolutions (and any dtype without oneDNN) run
+    torch's ``slow_conv2d``: an im2col column buffer of ``C_in·k_h·k_w·H_out·W_out`` elements per
+    batch entry for the whole batch before the GEMMs (measured: a float64 3×3 conv of a 32 MB
+    batch grows the RSS by 9 × 32 MB + the output).  oneDNN (float32 on the CPU) works without
+    columns; its layout reorders are covered by the generic one-input-one-output temporaries of
+    :func:`memory_plan`."""
+    from ..operators import conv_gemm
     from ..operators.conv import Conv2d
 
     if not isinstance(op, Conv2d):
@@ -228,6 +233,11 @@ def conv_workspace(op: Any, itemsize: int) -> int:
 
     if itemsize == 4 and torch.backends.mkldnn.is_available():
         return 0
+    C, H, W = (int(v) for v in op.in_shape)
+    c_out = int(op.out_shape[0])
+    if itemsize == 8 and conv_gemm.rule((C, H, W), c_out, op.kernel_size, op.stride, op.groups, op.padding,
+                                        torch.float64):
+        return conv_gemm.workspace(C, c_out, H, W, op.padding, op.kernel_size, op.dilation)
     kh, kw = op.kernel_size
     return int(op.weight.shape[1]) * int(op.groups) * kh * kw * int(np.prod(op.out_shape[1:]))
 

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import backend
+from . import conv_gemm
 from .base import Operator, as_shape, numpy_dtype
 
 __all__ = ["Conv2d", "DEFAULT_MAX_SPARSE_BYTES"]
@@ -225,6 +226,15 @@ class Conv2d(Operator):
     with ``ih = oh·sh - top + ki·dh`` and ``iw = ow·sw - left + kj·dw``.  ``to_sparse()`` stores
     one entry per *in-bounds* tap (padding taps are never stored); taps whose weight is
     exactly zero are kept as structural entries, so the pattern depends only on the geometry.
+
+    *Evaluation.*  ``apply`` / ``apply_adjoint`` call ``F.conv2d`` / ``F.conv_transpose2d``,
+    except for CPU float64 stride-1, groups-1 convolutions with kernels > 1×1 on images of ≥ 128
+    pixels with enough channels (:func:`conv_gemm.use_gemm`), which run as ``k_h·k_w`` shifted
+    GEMMs per image on one padded CNHW copy of the batch (:mod:`linop.operators.conv_gemm`:
+    1.5–2.3× torch's ``slow_conv2d`` here; the adjoint as the convolution with the flipped,
+    transposed kernel when ``2·C_in >= C_out``) — the same operator, summed in a different order,
+    each image's values independent of the batch it is in.  ``LINOP_CONV64=torch`` (or
+    ``linop.operators.conv_gemm.CONV64 = "torch"``) keeps torch's path everywhere.
     """
 
     def __init__(
@@ -288,6 +298,10 @@ class Conv2d(Operator):
 
     # ------------------------------------------------------------------ torch path
     def _apply(self, x: torch.Tensor) -> torch.Tensor:
+        if conv_gemm.use_gemm(x, self.out_shape[0], self.kernel_size, self.stride, self.groups, self.padding):
+            # CPU float64: the same operator evaluated by shifted GEMMs (conv_gemm's notes)
+            return conv_gemm.conv2d_shifted_gemm(x, self._taps(x, False), self.kernel_size, self.padding,
+                                                 self.dilation)
         w = self._param("weight", x)
         pt, pb, pl, pr = self.padding
         if self._symmetric:
@@ -295,6 +309,11 @@ class Conv2d(Operator):
         return F.conv2d(F.pad(x, (pl, pr, pt, pb)), w, None, self.stride, 0, self.dilation, self.groups)
 
     def _apply_adjoint(self, y: torch.Tensor) -> torch.Tensor:
+        # stride 1: the transposed conv is the conv of y with the flipped, transposed kernel
+        # padded by d·(k-1) - p (conv_gemm.adjoint_padding; negative = crop: torch's path)
+        apad = conv_gemm.adjoint_padding(self.padding, self.kernel_size, self.dilation)
+        if conv_gemm.use_gemm(y, self.in_shape[0], self.kernel_size, self.stride, self.groups, apad, adjoint=True):
+            return conv_gemm.conv2d_shifted_gemm(y, self._taps(y, True), self.kernel_size, apad, self.dilation)
         w = self._param("weight", y)
         pt, pb, pl, pr = self.padding
         _, H, W = self.in_shape
@@ -302,6 +321,15 @@ class Conv2d(Operator):
             return F.conv_transpose2d(y, w, None, self.stride, (pt, pl), self._out_pad, self.groups, self.dilation)
         z = F.conv_transpose2d(y, w, None, self.stride, 0, self._out_pad, self.groups, self.dilation)
         return z[:, :, pt:pt + H, pl:pl + W].contiguous()
+
+    def _taps(self, like: torch.Tensor, adjoint: bool) -> torch.Tensor:
+        """Per-tap weight matrices (:func:`conv_gemm.tap_weights`) on ``like``'s device / dtype, cached."""
+        key = ("taps", adjoint, like.device, like.dtype)
+        t = self._param_cache.get(key)
+        if t is None:
+            t = conv_gemm.tap_weights(self._param("weight", like), adjoint)
+            self._param_cache[key] = t
+        return t
 
     # ------------------------------------------------------------------ sparse form
     def _row_nnz(self) -> np.ndarray:
