@@ -9,7 +9,8 @@ from torch import nn
 
 from linop.convert import from_torch
 
-__all__ = ["perturb_bn", "RandomGraph", "equivalent_net", "reference_net", "sample_input"]
+__all__ = ["perturb_bn", "RandomGraph", "ResidualNet", "equivalent_net", "reference_net", "residual_net",
+           "sample_input"]
 
 
 def perturb_bn(m: nn.Module, seed: int) -> nn.Module:
@@ -84,3 +85,37 @@ def reference_net(name: str, shape, seed: int):
 def sample_input(net, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.rand(net.input_shape, generator=g, dtype=torch.float64) - 0.3
+
+
+class ResidualNet(nn.Module):
+    """3 image channels, a residual block, a strided conv, BN biases, LeakyReLU, FC: periods
+    below the image size (the sweep / memory-plan tests)."""
+
+    def __init__(self, w: int = 6, n_out: int = 5):
+        super().__init__()
+        self.c0 = nn.Conv2d(3, w, 3, padding=1)
+        self.bn = nn.BatchNorm2d(w)
+        self.c1 = nn.Conv2d(w, w, 3, padding=1)
+        self.c2 = nn.Conv2d(w, 2 * w, 3, padding=1, stride=2)
+        self.act = nn.LeakyReLU(0.1)
+        self.fc = nn.Linear(2 * w * 4 * 4, n_out)
+
+    def forward(self, x):
+        a = self.act(self.bn(self.c0(x)))
+        a = self.act(self.c1(a) + a)
+        a = nn.functional.avg_pool2d(self.act(self.c2(a)), 2)
+        return self.fc(torch.flatten(a, 1))
+
+
+def residual_net(w: int = 6, n_out: int = 5):
+    """``(net, x)``: :class:`ResidualNet` (seed 0, random BN statistics and biases) converted in
+    float64 at 3×16×16, and a fixed point ``x`` with negative and positive pre-activations."""
+    torch.manual_seed(0)
+    m = ResidualNet(w, n_out).eval()
+    with torch.no_grad():
+        m.bn.running_mean.uniform_(-0.3, 0.3)
+        m.bn.running_var.uniform_(0.5, 1.5)
+        m.bn.bias.uniform_(-0.3, 0.3)
+    net = from_torch(m, (3, 16, 16), torch.float64)
+    x = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64) - 0.3
+    return net, x

@@ -28,40 +28,15 @@ from linop.linearize.tangents import (
 from linop.operators.composite import HStack
 from linop.operators.structural import Identity
 
+from kit_nets import residual_net  # test kit
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 EPS64 = float(np.finfo(np.float64).eps)
 
 
-class _Res(nn.Module):
-    """A residual block, a strided conv, BN biases, LeakyReLU: periods below the image size."""
-
-    def __init__(self, w: int = 5):
-        super().__init__()
-        self.c0 = nn.Conv2d(3, w, 3, padding=1)
-        self.bn = nn.BatchNorm2d(w)
-        self.c1 = nn.Conv2d(w, w, 3, padding=1)
-        self.c2 = nn.Conv2d(w, 2 * w, 3, padding=1, stride=2)
-        self.act = nn.LeakyReLU(0.1)
-        self.fc = nn.Linear(2 * w * 4 * 4, 4)
-
-    def forward(self, x):
-        a = self.act(self.bn(self.c0(x)))
-        a = self.act(self.c1(a) + a)
-        a = nn.functional.avg_pool2d(self.act(self.c2(a)), 2)
-        return self.fc(torch.flatten(a, 1))
-
-
 @pytest.fixture(scope="module")
 def res():
-    torch.manual_seed(0)
-    m = _Res().eval()
-    with torch.no_grad():
-        m.bn.running_mean.uniform_(-0.3, 0.3)
-        m.bn.running_var.uniform_(0.5, 1.5)
-        m.bn.bias.uniform_(-0.3, 0.3)
-    net = from_torch(m, (3, 16, 16), torch.float64)
-    x = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64) - 0.3
-    return net, x
+    return residual_net(5, 4)
 
 
 def _cl(T: torch.Tensor) -> torch.Tensor:
