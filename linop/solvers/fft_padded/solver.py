@@ -94,12 +94,29 @@ class PaddedConvSolver:
                  dtype: torch.dtype = torch.float64, row_chunk: int = 1024, fixed_zero: Any = None,
                  square: bool | str = "auto"):
         t0 = time.perf_counter()
-        w, in_shape, padding, dilation, groups, stride = conv_geometry(weight, in_shape, padding, dilation,
-                                                                       groups, stride)
         if method not in _METHODS:
             raise ValueError(f"PaddedConvSolver: method must be one of {_METHODS}, got {method!r}")
         if not (0 < rcond < 1) or not (0 < reg < 1):
             raise ValueError(f"PaddedConvSolver: rcond and reg must be in (0, 1), got rcond={rcond!r}, reg={reg!r}")
+        if refine not in ("auto", True, False):
+            raise ValueError(f"PaddedConvSolver: refine must be 'auto', True or False, got {refine!r}")
+        self._init_geometry(weight, in_shape, padding, dilation, groups, stride, torus, reg, device, dtype)
+        self._init_constraints(fixed_zero, rcond)
+        self.reg, self.lam, self.cond_est = reg, 0.0, (float("nan"), float("nan"))
+        self._init_factor(method, max_bytes, square, row_chunk)
+        # eps·cond(capacitance) overestimates the direct solve's relative error by ~10–100x
+        # (measured); above 1e-12 one or two refinement steps bring it to ~eps·cond(W).
+        # The square path is not of normal-equations type: its direct error measured ≤ 2e-3·eps·cond_est
+        # (4e-13 – 2e-12 on the benchmark's square layers), so it refines above eps·cond_est = 1e-8.
+        self.refine = (bool(refine) if refine != "auto" else self.method == "capacitance" and
+                       np.finfo(np.float64).eps * max(self.cond_est) > (1e-8 if self._sq is not None else 1e-12))
+        self.factor_seconds = time.perf_counter() - t0
+
+    def _init_geometry(self, weight: Any, in_shape: Any, padding: Any, dilation: Any, groups: int, stride: Any,
+                       torus: tuple[int, int] | None, reg: float, device: Any, dtype: torch.dtype) -> None:
+        """The conv's geometry, its torus, the circular conv's spectra and SVDs, the direct conv."""
+        w, in_shape, padding, dilation, groups, stride = conv_geometry(weight, in_shape, padding, dilation,
+                                                                       groups, stride)
         self.weight = w.detach().to(device=device, dtype=dtype)
         self.padding, self.dilation, self.groups = padding, dilation, groups
         weff = effective_kernel(self.weight, dilation, groups)
@@ -122,6 +139,11 @@ class PaddedConvSolver:
         self.fs = FFTConvSolver(weff, (C_in,) + self.torus, reg=reg, device=device, dtype=dtype)
         # the direct conv, for residuals (refinement, PCG): same W, no FFT round trips
         self._op = Conv2d(self.weight.cpu(), in_shape, padding=padding, dilation=dilation, groups=groups)
+
+    def _init_constraints(self, fixed_zero: Any, rcond: float) -> None:
+        """The constrained ring (and fixed-zero) entries, the boundary outputs, the system's size and
+        the index tensors of the per-batch maps."""
+        C_out, dtype = self.C_out, self.dtype
         if fixed_zero is not None:
             fixed_zero = np.asarray(backend.to_numpy(fixed_zero) if not isinstance(fixed_zero, np.ndarray)
                                     else fixed_zero, dtype=bool)
@@ -131,13 +153,13 @@ class PaddedConvSolver:
         self.fixed_zero = fixed_zero
         self._mask = None if fixed_zero is None else torch.as_tensor(~fixed_zero, device=self.device)
         # constrained entries: ring (and fixed-zero) entries some valid output reads (ring_entries)
-        support = (weff != 0).any(dim=0).cpu().numpy()
-        self.case = block_sizes(C_out, C_in, self.geo)[0]
+        support = (self._weff != 0).any(dim=0).cpu().numpy()
+        self.case = block_sizes(C_out, self.C_in, self.geo)[0]
         self.ring, self.boundary = ring_entries(self.geo, support, fixed_zero, self.case)
         self.mB, self.mP = self.boundary.size * C_out, self.ring.size
         self.m = self.mB + self.mP
         self.need_bytes = peak_bytes(self.case, self.mB, self.mP, torch.finfo(dtype).bits // 8)
-        Un, sn, Vhn = self.fs._svd
+        sn = self.fs._svd[1]
         self.s_max = float(sn.max()) if sn.size else 0.0
         if self.s_max == 0.0:
             raise ValueError("PaddedConvSolver: the conv kernel is identically zero (W = 0)")
@@ -153,41 +175,37 @@ class PaddedConvSolver:
                 (-1,) + tuple(kh.shape[2:])).contiguous()
         self._rows = torch.as_tensor(self.geo.rows, device=self.device)
         self._cols = torch.as_tensor(self.geo.cols, device=self.device)
-        self.reg, self.lam, self.cond_est = reg, 0.0, (float("nan"), float("nan"))
+
+    def _init_factor(self, method: str, max_bytes: int, square: bool | str, row_chunk: int) -> None:
+        """The method (capacitance within ``max_bytes``, else PCG) and, for the capacitance, its
+        factorisation: the square path, or the lifted system at ``λ = 0`` (Tikhonov ``λ > 0`` when a
+        frequency is singular or ``W`` is rank-deficient)."""
         if method == "capacitance" and self.need_bytes > max_bytes:
             raise MemoryError(
                 f"PaddedConvSolver: the capacitance system is {self.m}x{self.m} ({self.boundary.size} boundary "
-                f"x {C_out} out + {self.ring.size} constrained ring entries of {C_in} in channels) and needs about "
-                f"{self.need_bytes / 2**30:.2f} GiB > max_bytes {max_bytes / 2**30:.2f} GiB. Use method='pcg' "
-                "(exact, iterative, O(batch) memory), or raise max_bytes="
+                f"x {self.C_out} out + {self.ring.size} constrained ring entries of {self.C_in} in channels) and "
+                f"needs about {self.need_bytes / 2**30:.2f} GiB > max_bytes {max_bytes / 2**30:.2f} GiB. Use "
+                "method='pcg' (exact, iterative, O(batch) memory), or raise max_bytes="
             )
         self.method = "capacitance" if (method == "capacitance" or
                                         (method == "auto" and self.need_bytes <= max_bytes)) else "pcg"
+        Un, sn, Vhn = self.fs._svd
         self._sq = None if self.method != "capacitance" else square_solver(self, square, (Un, sn, Vhn), row_chunk)
         if self._sq is not None:
             self.cond_est = (self._sq.cond_est,)
-        if self.method == "capacitance" and self._sq is None:
-            self.lam = 0.0 if self.singular_freqs == 0 else reg * self.s_max**2
+        if self.method != "capacitance" or self._sq is not None:
+            return
+        self.lam = 0.0 if self.singular_freqs == 0 else self.reg * self.s_max**2
+        ok = self._factor(Un, sn, Vhn, row_chunk)
+        if ok and self.lam == 0.0 and (max(self.cond_est) > SINGULAR_COND or self._qd.min_eig_est < SINGULAR_EIG):
+            ok = False  # Cholesky passed on rounding alone: the Schur complement is singular
+        if not ok and self.lam == 0.0:  # K̂ invertible per frequency but W itself is not of full rank
+            self.lam = self.reg * self.s_max**2
             ok = self._factor(Un, sn, Vhn, row_chunk)
-            if ok and self.lam == 0.0 and (max(self.cond_est) > SINGULAR_COND
-                                           or self._qd.min_eig_est < SINGULAR_EIG):
-                ok = False  # Cholesky passed on rounding alone: the Schur complement is singular
-            if not ok and self.lam == 0.0:  # K̂ invertible per frequency but W itself is not of full rank
-                self.lam = reg * self.s_max**2
-                ok = self._factor(Un, sn, Vhn, row_chunk)
-            if not ok:
-                raise np.linalg.LinAlgError(
-                    f"PaddedConvSolver: the regularised capacitance system ({self.m}x{self.m}, λ={self.lam:.3e}) "
-                    "is not quasi-definite in floating point; use method='pcg'")
-        if refine not in ("auto", True, False):
-            raise ValueError(f"PaddedConvSolver: refine must be 'auto', True or False, got {refine!r}")
-        # eps·cond(capacitance) overestimates the direct solve's relative error by ~10–100x
-        # (measured); above 1e-12 one or two refinement steps bring it to ~eps·cond(W).
-        # The square path is not of normal-equations type: its direct error measured ≤ 2e-3·eps·cond_est
-        # (4e-13 – 2e-12 on the benchmark's square layers), so it refines above eps·cond_est = 1e-8.
-        self.refine = (bool(refine) if refine != "auto" else self.method == "capacitance" and
-                       np.finfo(np.float64).eps * max(self.cond_est) > (1e-8 if self._sq is not None else 1e-12))
-        self.factor_seconds = time.perf_counter() - t0
+        if not ok:
+            raise np.linalg.LinAlgError(
+                f"PaddedConvSolver: the regularised capacitance system ({self.m}x{self.m}, λ={self.lam:.3e}) "
+                "is not quasi-definite in floating point; use method='pcg'")
 
     @property
     def ccp_direct(self) -> bool:
