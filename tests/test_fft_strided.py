@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 from hypothesis import assume, given
-from hypothesis import strategies as st
 
 import linop.solvers as ls
 from linop.operators.conv import Conv2d
 from linop.solvers import solve
 from linop.solvers.capacitance import CapacitanceSolver
+from kit_convs import conv_from, conv_geometries
 from test_fft_padded import RANK_CUT, dense, rel_err  # noqa: F401  (one dense pinv reference)
 from linop.solvers.fft_padded import (
     ExactConvSolver,
@@ -25,37 +25,13 @@ from linop.solvers.fft_padded import (
     to_polyphase,
 )
 
-@st.composite
-def convs(draw):
-    """Random conv geometry: channels (MDP- and CCP-shaped), groups, kernel, stride 1–3,
-    dilation 1–2, padding int / pair / 4-sided / 'same'; any H, W (multiples of the stride or not)."""
-    groups = draw(st.integers(1, 2))
-    cin, cout = groups * draw(st.integers(1, 3)), groups * draw(st.integers(1, 3))
-    k = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
-    s = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
-    d = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
-    H, W = draw(st.integers(2, 10)), draw(st.integers(2, 10))
-    kind = draw(st.sampled_from(["int", "pair", "four", "same"] if s == (1, 1) else ["int", "pair", "four"]))
-    if kind == "int":
-        pad = draw(st.integers(0, 2))
-    elif kind == "pair":
-        pad = (draw(st.integers(0, 2)), draw(st.integers(0, 2)))
-    elif kind == "four":
-        pad = tuple(draw(st.integers(0, 2)) for _ in range(4))
-    else:
-        pad = "same"
-    return dict(cin=cin, cout=cout, k=k, H=H, W=W, stride=s, dilation=d, padding=pad, groups=groups,
-                seed=draw(st.integers(0, 2**16)))
+convs = conv_geometries  # the shared strategy (kit_convs)
 
 
 def build(c, n=3):
+    w, op = conv_from(c)
     rng = np.random.default_rng(c["seed"])
-    w = torch.tensor(rng.standard_normal((c["cout"], c["cin"] // c["groups"]) + c["k"]))
-    try:
-        op = Conv2d(w, (c["cin"], c["H"], c["W"]), stride=c["stride"], dilation=c["dilation"],
-                    padding=c["padding"], groups=c["groups"])
-    except ValueError:  # kernel larger than the padded input: not a conv
-        assume(False)
+    rng.standard_normal(w.shape)  # the weight's draws: the data stream continues after them, as before
     return w, op, torch.tensor(rng.standard_normal((n,) + op.out_shape))
 
 

@@ -17,8 +17,9 @@ import pytest
 import scipy.sparse
 import torch
 import torch.nn.functional as F
-from hypothesis import assume, given
+from hypothesis import given
 from hypothesis import strategies as st
+from kit_convs import conv_from, conv_geometries
 from kit_forms import RTOL, check_forms
 
 from linop.operators import Chain, Conv2d, Polyphase, dottest
@@ -91,25 +92,10 @@ def test_adjoint_is_inverse_on_range(C, H, W, sh, sw):
 
 # ============================================================================ W = W_poly Π
 @st.composite
-def convs(draw):
-    """Random conv: channels, groups 1–2, kernel 1–3, stride 1–3, dilation 1–2, padding int /
-    pair / 4-sided / 'same' (stride 1, as torch), H, W 2–10 (multiples of the stride or not)."""
-    groups = draw(st.integers(1, 2))
-    cin, cout = groups * draw(st.integers(1, 3)), groups * draw(st.integers(1, 3))
-    k = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
-    s = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
-    d = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
-    H, W = draw(st.integers(2, 10)), draw(st.integers(2, 10))
-    kind = draw(st.sampled_from(["int", "pair", "four", "same"] if s == (1, 1) else ["int", "pair", "four"]))
-    pad = {"int": lambda: draw(st.integers(0, 2)),
-           "pair": lambda: (draw(st.integers(0, 2)), draw(st.integers(0, 2))),
-           "four": lambda: tuple(draw(st.integers(0, 2)) for _ in range(4)),
-           "same": lambda: "same"}[kind]()
-    w = torch.tensor(np.random.default_rng(draw(st.integers(0, 2**16))).standard_normal((cout, cin // groups) + k))
-    try:
-        return Conv2d(w, (cin, H, W), stride=s, padding=pad, dilation=d, groups=groups)
-    except ValueError:  # (dilated) kernel larger than the padded input: not a conv
-        assume(False)
+def convs(draw) -> Conv2d:
+    """A random conv (:func:`kit_convs.conv_geometries`: channels, groups, kernel, stride 1–3,
+    dilation, every padding form, H, W 2–10 multiples of the stride or not)."""
+    return conv_from(draw(conv_geometries()))[1]
 
 
 def check_factorisation(conv: Conv2d) -> None:

@@ -21,7 +21,6 @@ from ..network.geometry import Window
 from ..operators.base import Operator
 from ..operators.composite import HStack, apply_parts as _apply_parts
 from ..operators.elementwise import Diagonal
-from ..operators.pool import AvgPool2d
 from ..operators.structural import Identity
 
 __all__ = ["CHANNELS_LAST", "State", "input_state", "step", "step_in_place", "apply_parts", "recolour",
@@ -70,36 +69,22 @@ def input_state(shape: tuple[int, ...], image: tuple[int, int, int], chans: torc
 
 def apply_parts(op: Operator, xs: Sequence[torch.Tensor | None], out: torch.Tensor | None = None) -> torch.Tensor:
     """``Σ_i A_i x_i`` of the node's local operator on tangent batches, by the operator's own
-    torch path, except three evaluation strategies of the same maps: a diagonal (slope) operator
+    torch path, except two evaluation strategies of the same maps: a diagonal (slope) operator
     on a channels-last batch multiplies in that layout and a residual sum ``[I, I]`` adds (both
     into ``out`` when given, a batch of the result's shape and layout: no copy afterwards; the
-    same products / sums as the operator's path, bit for bit); a whole-window average pool pools
-    with torch's kernel (the same window sums up to their order)."""
+    same products / sums as the operator's path, bit for bit)."""
     if out is not None and len(xs) == 2 and _is_sum(op) and all(x is not None and x.shape == out.shape for x in xs):
         # a residual sum [I, I]: the same single addition x_0 + x_1 as HStack's path, written
         # straight into the chunk's slot of the state (no result temporary, no copy afterwards)
         return torch.add(xs[0], xs[1], out=out)
     if len(xs) == 1 and xs[0] is not None:
         x = xs[0]
-        if _plain_avg_pool(op) and x.dim() == 4:
-            # non-overlapping windows without padding: torch's pooling kernel sums each window and
-            # divides by its size, as the operator's ones-kernel depthwise conv does (up to the
-            # order of the k_h·k_w-term sum), in any layout and dtype (float64's depthwise conv
-            # copies every channel apart)
-            return torch.nn.functional.avg_pool2d(x, op.kernel_size, op.stride)
         if _slope_cl(op, x):
             # the same products x ⊙ d, with d in x's layout (a mismatched broadcast is ~1.5× slower)
             if out is not None and out.shape == x.shape and out.stride() == x.stride():
                 return torch.mul(x, _diag_like(op, x), out=out)
             return x * _diag_like(op, x)
     return _apply_parts(op, xs)
-
-
-def _plain_avg_pool(op: Operator) -> bool:
-    """Whether ``op`` is an :class:`AvgPool2d` (its own ``_apply``) with stride = kernel, no
-    padding, floor mode and no divisor override: every window is whole, its divisor ``k_h·k_w``."""
-    return type(op) is AvgPool2d and tuple(op.stride) == tuple(op.kernel_size) and tuple(op.padding) == (0, 0) \
-        and not op.ceil_mode and op.divisor_override is None
 
 
 def _is_sum(op: Operator) -> bool:

@@ -69,7 +69,9 @@ class AvgPool2d(Operator):
     -----
     Implemented as a depthwise :class:`~linop.operators.conv.Conv2d` with a kernel of ones
     followed by a per-position division, so the explicit matrix stores exactly the
-    in-bounds taps, each with value ``1 / divisor(oh, ow)``.
+    in-bounds taps, each with value ``1 / divisor(oh, ow)``.  Whole-window pools
+    (:attr:`whole_windows`) evaluate the torch forward with ``F.avg_pool2d`` instead: the same
+    window sums up to their order, divided by ``k_h·k_w``.
     """
 
     def __init__(
@@ -105,6 +107,9 @@ class AvgPool2d(Operator):
         self._conv = Conv2d(ones, (C, H, W), stride=s, padding=(p[0], p[0] + ex_h, p[1], p[1] + ex_w), groups=C)
         assert self._conv.out_shape == (C, Ho, Wo)
         self.divisor = torch.from_numpy(self._divisors(H, W, Ho, Wo)).reshape(1, 1, Ho, Wo)
+        #: stride = kernel, no padding, floor mode, no divisor override: every window whole, its
+        #: divisor k_h·k_w — torch's pooling kernel evaluates the same map (the ResNet shortcuts)
+        self.whole_windows = s == k and p == (0, 0) and not self.ceil_mode and divisor_override is None
         super().__init__((C, H, W), (C, Ho, Wo), dtype=numpy_dtype(dtype))
 
     def _divisors(self, H: int, W: int, Ho: int, Wo: int) -> np.ndarray:
@@ -123,6 +128,10 @@ class AvgPool2d(Operator):
         return (dh[:, None] * dw[None, :]).astype(np.float64)
 
     def _apply(self, x):
+        if self.whole_windows:
+            # the same window sums (up to their order) divided by k_h·k_w, in any layout and dtype —
+            # the ones-kernel depthwise conv copies every channel apart in float64
+            return F.avg_pool2d(x, self.kernel_size, self.stride)
         return self._conv._apply(x) / self._param("divisor", x)
 
     def _apply_adjoint(self, y):

@@ -129,7 +129,7 @@ class Problem:
 
     def rhs(self) -> torch.Tensor:
         """``r = z* − b − W â`` (N, n_out): the right-hand side of the correction."""
-        return self.target - self.fwd(self.a_hat)
+        return self.rhs_rows(0, self.N)
 
     def rhs_rows(self, k0: int, k1: int) -> torch.Tensor:
         """Rows ``k0:k1`` of :meth:`rhs`."""
