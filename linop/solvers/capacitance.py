@@ -35,6 +35,11 @@ FFT of a ``C_out × C_out`` spectrum, then an index gather in row chunks (memory
 (Cholesky; its 1-norm condition number is estimated with LAPACK ``pocon``), and each batch
 costs two FFT round trips, two per-frequency products and two triangular solves with
 ``m`` rows.
+
+**Direct CCP form** (:attr:`CapacitanceSolver.ccp_direct`).  Where the CCP factorisation at
+``λ = 0`` succeeds with a well-conditioned capacitance, ``W`` has full column rank, so
+``â + W⁺(t − W â) = W⁺ t`` (``t = z* − b``, seed 001 Eq. 7) and ``fft-exact`` solves for
+``a* = W⁺ t`` directly, without the conv ``W â``.
 """
 from __future__ import annotations
 
@@ -42,13 +47,14 @@ import time
 from typing import Any
 
 import numpy as np
-import scipy.linalg.lapack as lapack
 import torch
+from scipy.linalg import lapack
 
 from .fft import FFTConvSolver, small_lapack
+from .fft_padded.factor import SINGULAR_EIG
 from .result import DEFAULT_MAX_BYTES
 
-__all__ = ["CapacitanceSolver", "capacitance_bytes", "boundary_positions"]
+__all__ = ["CapacitanceSolver", "boundary_positions", "capacitance_bytes"]
 
 
 def boundary_positions(H: int, W: int, kh: int, kw: int) -> np.ndarray:
@@ -153,7 +159,7 @@ class CapacitanceSolver:
     def _factor(self, Un: np.ndarray, sn: np.ndarray, Vhn: np.ndarray, row_chunk: int) -> bool:
         with small_lapack():
             Q, R = self._spectra(Un, sn, Vhn)
-        to = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(self.device, self.fs.khat.dtype)  # noqa: E731
+        to = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(self.device, self.fs.khat.dtype)
         self.Qhat, self.Rhat = to(Q), to(R)  # (H, Wr, ·, ·)
         # q = F⁻¹(Q̂): the C_out × C_out spatial kernel of the block-circulant Q
         q = torch.fft.irfft2(self.Qhat.permute(2, 3, 0, 1), s=(self.H, self.W)).reshape(self.C_out, self.C_out, -1)
@@ -185,6 +191,28 @@ class CapacitanceSolver:
                         if self.device.type == "cpu" else (np.nan, 1))  # LAPACK estimate, CPU only
         self.cond_est = float(1.0 / rc) if (inf2 == 0 and rc > 0) else float("nan")
         return True
+
+    @property
+    def ccp_direct(self) -> bool:
+        """Whether ``a* = W⁺ t`` (``t = z* − b``) may be solved for directly, without ``r = t − W â``.
+
+        As :attr:`.PaddedConvSolver.ccp_direct` (this is its unpadded case, ``P = ∅``).  *Exact:*
+        with every ``K̂(ω)`` of full column rank (``λ = 0``), ``det WᵀW = det CᵀC · det Q_BB``
+        (``WᵀW = CᵀC − Cᵀ E_B E_Bᵀ C``, ``Q_BB = (I − C C⁺)_BB``), so a capacitance certified SPD —
+        the Cholesky succeeded, its smallest-eigenvalue estimate ``‖Q_BB‖₁ / cond_est`` is above
+        :data:`.SINGULAR_EIG` (``Q_BB`` is a block of a projector: O(1) entries, so a rank-deficient
+        ``W`` shows as an eigenvalue at the rounding level) — certifies full column rank; then
+        ``W⁺W = I`` and ``â + W⁺(t − W â) = W⁺ t``.  With no boundary (``m = 0``, a 1×1 kernel)
+        ``W = C`` and no singular frequency is the certificate.  *Accuracy:* the direct solve's
+        error is ≲ ``eps·cond_est`` relative to its answer, required ≤ 1e-12 (the padded solver's
+        no-refinement rule); a missing estimate (non-CPU device) keeps the correction form.
+        """
+        if self.case != "CCP" or self.lam != 0.0 or self.L is None:
+            return False
+        if self.m == 0:
+            return True
+        c = self.cond_est
+        return bool(np.isfinite(c) and np.finfo(np.float64).eps * c <= 1e-12 and self.cap_norm1 / c >= SINGULAR_EIG)
 
     # ------------------------------------------------------------------ per batch
     def _cap_solve(self, uB: torch.Tensor) -> torch.Tensor:

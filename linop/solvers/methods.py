@@ -15,8 +15,8 @@ Every runner computes the minimum-norm least-squares correction ``a* = â + W⁺
 ``fft-exact``   exact, direct: FFT + boundary capacitance matrix factored once per layer;
                 unpadded stride-1 convs by :class:`.CapacitanceSolver`, all others (any zero
                 padding, stride via polyphase, dilation, groups per group) by
-                :class:`.ExactConvSolver` (boundary + ring); where it certifies full column
-                rank (CCP), ``a* = W⁺ (z* − b)`` directly (no ``W â``; ``info["form"]``).
+                :class:`.ExactConvSolver` (boundary + ring); where either certifies full
+                column rank (CCP), ``a* = W⁺ (z* − b)`` directly (no ``W â``; ``info["form"]``).
 ==============  ==============================================================================
 """
 from __future__ import annotations
@@ -231,7 +231,8 @@ def _run_padded(prob: Problem, opts: SolveOptions, method: str = "auto") -> Run:
 def run_fft_exact(prob: Problem, opts: SolveOptions) -> Run:
     """FFT + boundary capacitance matrix (prebuilt ``capacitance_solver=`` or new): exact, direct.
     Padded, strided, dilated or grouped convs go to :class:`ExactConvSolver` (groups × polyphase ×
-    :class:`PaddedConvSolver`)."""
+    :class:`PaddedConvSolver`).  Where :attr:`.CapacitanceSolver.ccp_direct` certifies full column
+    rank, ``a* = W⁺ (z* − b)`` (the same point as ``â + W⁺ r``, without ``W â``); ``info["form"]``."""
     cs = opts.extra.pop("capacitance_solver", None)
     if cs is None:
         try:
@@ -249,11 +250,15 @@ def run_fft_exact(prob: Problem, opts: SolveOptions) -> Run:
     # a direct solve when λ = 0; the refinement tolerance only matters for the Tikhonov fallback
     rt = float(opts.tol) if opts.tol is not None else 1e-13
     mi = int(opts.maxiter) if opts.maxiter is not None else 100
-    delta, it_info = cs.solve(prob.rhs().reshape((prob.N,) + cs.out_shape), tol=rt, maxiter=mi)
+    # certified full column rank (CapacitanceSolver.ccp_direct): a* = W⁺(z* − b), no W â
+    direct = cs.ccp_direct
+    rhs = prob.target if direct else prob.rhs()
+    delta, it_info = cs.solve(rhs.reshape((prob.N,) + cs.out_shape), tol=rt, maxiter=mi)
     info.update(it_info)
     info["tol"] = rt if cs.lam > 0 else None
-    info["form"] = "correction"
-    return prob.a_hat + delta.reshape(prob.N, -1).to(prob.a_hat), info
+    info["form"] = "direct W⁺(z* − b)" if direct else "correction"
+    delta = delta.reshape(prob.N, -1).to(prob.a_hat)
+    return (delta if direct else prob.a_hat + delta), info
 
 
 register_method("dense", run_dense, summary="direct: Cholesky of W Wᵀ / pivoted QR / SVD, factored once")

@@ -115,7 +115,8 @@ implemented.)
 
 Modules: :mod:`.torus` (geometry, constraints, gather), :mod:`.factor` (block Cholesky),
 :mod:`.lift` (per-batch right-hand sides and lift back), :mod:`.square` (square ``W``),
-:mod:`.solver` (:class:`.PaddedConvSolver`), :mod:`.iterate` (refinement, PCG),
+:mod:`.solver` (:class:`.PaddedConvSolver`: geometry, constraints, factorisation), :mod:`.maps`
+(its torus maps and ``W`` / ``Wᵀ``), :mod:`.paths` (its per-batch solves), :mod:`.iterate` (refinement, PCG),
 :mod:`.polyphase`, :mod:`.grouped` (:class:`.ExactConvSolver`).
 """
 from __future__ import annotations

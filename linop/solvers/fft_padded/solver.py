@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -13,9 +12,9 @@ from ...operators.conv import Conv2d
 from ..fft import FFTConvSolver, small_lapack
 from ..result import DEFAULT_MAX_BYTES
 from .factor import SINGULAR_COND, SINGULAR_EIG, QuasiDefiniteFactor, lifted_spectra
-from .iterate import padded_pcg
-from .iterate import refine as refine_steps
-from .lift import TorusLift, shift_phase, torus_forward
+from .lift import TorusLift, shift_phase
+from .maps import TorusMaps
+from .paths import SolvePaths
 from .square import square_solver
 from .torus import (
     all_channels,
@@ -31,13 +30,10 @@ from .torus import (
 __all__ = ["PaddedConvSolver"]
 
 
-def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
-    return torch.cat(parts) if len(parts) > 1 else parts[0]
-
 _METHODS = ("auto", "capacitance", "pcg")
 
 
-class PaddedConvSolver:
+class PaddedConvSolver(TorusMaps, SolvePaths):
     """Exact ``W⁺`` of a padded stride-1 conv via FFT + ring/boundary capacitance, factored once.
 
     Parameters
@@ -84,7 +80,10 @@ class PaddedConvSolver:
     Notes
     -----
     The maths and its equations are in the module docstring.  ``solve(r)`` returns
-    ``δ = W⁺ r``; the reconstruction is ``a* = â + δ`` with ``r = z* − b − W â``.
+    ``δ = W⁺ r``; the reconstruction is ``a* = â + δ`` with ``r = z* − b − W â``.  This class
+    builds the geometry, the constraints and the factorisation; the torus maps and ``W`` / ``Wᵀ``
+    come from :class:`.TorusMaps` (:mod:`.maps`), the per-batch solves (``tikhonov``,
+    ``solve_blocks``, ``solve``, ``ccp_direct``) from :class:`.SolvePaths` (:mod:`.paths`).
     """
 
     def __init__(self, weight: Any, in_shape: tuple[int, int, int] | None = None, padding: Any = 0,
@@ -207,25 +206,6 @@ class PaddedConvSolver:
                 f"PaddedConvSolver: the regularised capacitance system ({self.m}x{self.m}, λ={self.lam:.3e}) "
                 "is not quasi-definite in floating point; use method='pcg'")
 
-    @property
-    def ccp_direct(self) -> bool:
-        """Whether ``a* = W⁺ t`` (``t = z* − b``) may be solved for directly, without ``r = t − W â``.
-
-        True for the lifted capacitance factorisation of the CCP case at ``λ = 0`` whose direct solve
-        needs no refinement.  *Exact:* that factorisation succeeds (both Cholesky factors, the
-        condition and eigenvalue floors :data:`.SINGULAR_COND`, :data:`.SINGULAR_EIG`) only when its
-        Schur complement is SPD, i.e. ``W`` has full column rank; then ``W⁺W = I`` and
-        ``â + W⁺(t − W â) = W⁺ t`` — ``â`` plays no part (seed 001 Eq. 7).  *Accuracy:* the direct
-        solve's error is ≲ ``eps·cond_est`` (≤ 1e-12 without refinement; the estimate is 10–100×
-        pessimistic) relative to what it returns, so ``‖ã − a*‖ ≲ 1e-12 ‖a*‖`` here against
-        ``eps·cond·‖a* − â‖ + eps‖a*‖`` for the correction form: the two differ only relative to a
-        correction much smaller than ``a*``, where no float answer beats ``eps‖a*‖`` anyway.
-        The square path (``W⁻¹``, refined only above ``eps·cond_est = 1e-8``) and the Tikhonov /
-        PCG paths keep the correction form.
-        """
-        return (self.method == "capacitance" and self._sq is None and self.case == "CCP" and self.lam == 0.0
-                and not self.refine)
-
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_operator(cls, op: Any, **kw: Any) -> PaddedConvSolver:
@@ -256,143 +236,6 @@ class PaddedConvSolver:
         self._qd = QuasiDefiniteFactor(F1, coupling, S2, definite_first="B" if self.case == "MDP" else "P")
         self.cond_est = self._qd.cond_est
         return self._qd.ok
-
-    # ------------------------------------------------------------------ torus helpers
-    def _mul(self, M: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
-        return self.fs._mul(M, X)
-
-    def _rfft(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.fft.rfft2(x)
-
-    def _irfft(self, X: torch.Tensor) -> torch.Tensor:
-        return torch.fft.irfft2(X, s=self.torus)
-
-    def select(self, c: torch.Tensor) -> torch.Tensor:
-        """``S``: the outputs of a torus batch (N, C, T_h, T_w) → (N, C, H_out, W_out)."""
-        return c[:, :, self._rows[:, None], self._cols[None, :]]
-
-    def place(self, y: torch.Tensor) -> torch.Tensor:
-        """``Sᵀ``: an output batch on a zero torus."""
-        out = y.new_zeros((y.shape[0], y.shape[1]) + self.torus)
-        out[:, :, self._rows[:, None], self._cols[None, :]] = y
-        return out
-
-    def embed(self, a: torch.Tensor) -> torch.Tensor:
-        """``E``: an input batch at the top-left of a zero torus."""
-        out = a.new_zeros((a.shape[0], a.shape[1]) + self.torus)
-        out[:, :, : self.H, : self.W] = a
-        return out
-
-    def forward_torus(self, a: torch.Tensor) -> torch.Tensor:
-        """``W a = S C E a`` on the torus — equals the padded conv (no bias); tested identity."""
-        return self.select(self.fs.circular(self.embed(a)))
-
-    def adjoint_torus(self, y: torch.Tensor) -> torch.Tensor:
-        """``Wᵀ y = Eᵀ Cᵀ Sᵀ y`` on the torus."""
-        c = self._irfft(self._mul(self.fs.khat.mH, self._rfft(self.place(y))))
-        return c[:, :, : self.H, : self.W]
-
-    def forward(self, a: torch.Tensor) -> torch.Tensor:
-        """``W a`` — with ``fixed_zero``, ``W D`` (``D`` the diagonal 0/1 mask of the free entries).
-
-        By the torus FFTs (:meth:`.TorusLift.forward`) or the direct torch conv, whichever the
-        flop model says is cheaper (:attr:`fft_forward`); both are exact to rounding.
-        """
-        a = a if self._mask is None else a * self._mask
-        if self.fft_forward:
-            return torus_forward(self._KF, a.to(device=self.device, dtype=self.dtype), self.torus, self.out_shape[1:])
-        return self._op.apply(a)
-
-    def adjoint(self, y: torch.Tensor) -> torch.Tensor:
-        """``Wᵀ y`` (``D Wᵀ y`` with ``fixed_zero``) by the direct transposed conv."""
-        x = self._op.apply_adjoint(y)
-        return x if self._mask is None else x * self._mask
-
-    # ------------------------------------------------------------------ per batch
-    def tikhonov(self, r: torch.Tensor | Iterable[torch.Tensor], chunk: int = 64) -> torch.Tensor:
-        """``W⁺ r`` (λ = 0) or ``(WᵀW + λI)⁻¹ Wᵀ r``: (N, *out_shape) → (N, *in_shape).
-
-        ``chunk`` samples at a time: right-hand sides (:meth:`.TorusLift.rhs`), the capacitance
-        solve, the lift back (:meth:`.TorusLift.lift`) — memory bounded by the chunk.  ``r`` may
-        also be an iterable of row blocks ``(n_i, *out_shape)`` on the solver's device and dtype,
-        consumed one at a time: only a block's small side (the capacitance right-hand sides and
-        the kept spectrum) waits until ``chunk`` rows are gathered for one capacitance solve, so
-        the wide side is never formed whole while the triangular solves still get ``chunk``
-        right-hand sides (BLAS-3: measured ~1.3× faster per row at 256 than at 64, 1 thread).
-        """
-        ch = int(chunk)
-        blocks = (r[k:k + ch] for k in range(0, r.shape[0], ch)) if isinstance(r, torch.Tensor) else r
-        if self._sq is not None:  # square W: W⁻¹ r directly (square.py)
-            return _cat([self._sq.solve(blk) for blk in blocks])
-        out, pending, rows = [], [], 0
-        for blk in blocks:
-            # (the maps take r itself: the scaling r̃ = r / s_max is folded into their first matrix)
-            if self._zero_rows is not None:  # zero rows of W: W⁺ ignores them (ring_entries)
-                blk = blk * self._zero_rows
-            pending.append(self._maps.rhs(blk))
-            rows += blk.shape[0]
-            if rows >= ch:
-                out.append(self._capacitance_lift(pending))
-                pending, rows = [], 0
-        if pending:
-            out.append(self._capacitance_lift(pending))
-        return _cat(out)
-
-    def _capacitance_lift(self, pending: list) -> torch.Tensor:
-        """The capacitance solve and the lift of gathered ``(b_B, b_P, spectrum)`` blocks."""
-        bB, bP, Y = (_cat(list(part)) for part in zip(*pending))
-        xB, xP = self._qd.solve(bB, bP)
-        return self._maps.lift(Y, xB, xP)
-
-    @property
-    def single_pass(self) -> bool:
-        """One direct solve is the answer (capacitance or square path, ``λ = 0``, no refinement):
-        :meth:`solve_blocks` applies."""
-        return self.method == "capacitance" and self.lam == 0.0 and not self.refine
-
-    def solve_blocks(self, blocks: Iterable[torch.Tensor], chunk: int = 256) -> torch.Tensor:
-        """``δ = W⁺ r`` for ``r`` given as row blocks (formed lazily by the caller), by one direct
-        solve (:attr:`single_pass` required; :meth:`tikhonov`).  Returns (N, *in_shape)."""
-        if not self.single_pass:
-            raise ValueError("PaddedConvSolver.solve_blocks: needs a single-pass solver (capacitance, λ = 0, "
-                             "no refinement); use solve()")
-        if isinstance(chunk, bool) or int(chunk) < 1:
-            raise ValueError(f"PaddedConvSolver.solve_blocks: chunk must be ≥ 1, got {chunk!r}")
-        return self.tikhonov((blk.to(device=self.device, dtype=self.dtype) for blk in blocks), int(chunk))
-
-    def _check_r(self, r: Any, chunk: int) -> torch.Tensor:
-        r = backend.to_torch(r) if not isinstance(r, torch.Tensor) else r
-        if r.ndim != 4 or tuple(r.shape[1:]) != self.out_shape:
-            raise ValueError(f"PaddedConvSolver.solve: r must have shape (N, {', '.join(map(str, self.out_shape))}), "
-                             f"got {tuple(r.shape)}")
-        if isinstance(chunk, bool) or int(chunk) < 1:
-            raise ValueError(f"PaddedConvSolver.solve: chunk must be ≥ 1, got {chunk!r}")
-        return r.to(device=self.device, dtype=self.dtype)
-
-    def solve(self, r: Any, tol: float | None = None, maxiter: int | None = None, chunk: int = 64,
-              refine: bool | None = None) -> tuple[torch.Tensor, dict]:
-        """``δ = W⁺ r`` for a batch ``r`` (N, *out_shape); returns ``(δ, info)``.
-
-        Capacitance: one direct application of :meth:`tikhonov`, then — when ``λ > 0``, or
-        when ``refine`` (default: :attr:`refine`, decided from the condition estimate) — the
-        refinement ``δ ← δ + T (r − W δ)`` until each sample's update is ≤ ``tol`` (default
-        1e-13) relative to its δ, stops decreasing (rounding floor), or ``maxiter`` steps
-        (default 100 with ``λ > 0``, else 10).  PCG: Craig (MDP) / CGLS (CCP) to ``tol``
-        (default 1e-12), at most ``maxiter`` (1000) iterations.  ``info["iterations"]`` (per
-        sample) counts refinement steps resp. CG iterations.
-        """
-        r = self._check_r(r, chunk)
-        if self.method == "pcg":
-            return padded_pcg(self, r, 1e-12 if tol is None else float(tol), 1000 if maxiter is None else int(maxiter))
-        tol = 1e-13 if tol is None else float(tol)
-        maxiter = (100 if self.lam > 0.0 else 10) if maxiter is None else int(maxiter)
-        ch = int(chunk)
-        d = self.tikhonov(r, ch)
-        if self.lam > 0.0 or (self.refine if refine is None else bool(refine)):
-            return refine_steps(self, r, d, tol, maxiter, ch)
-        N = r.shape[0]
-        return d, {"iterations": np.zeros(N, dtype=np.int64), "converged": np.ones(N, dtype=bool),
-                   "method": "capacitance"}
 
     def info(self) -> dict:
         """Geometry, sizes, conditioning and the algorithm used (for ``SolveResult.info``)."""
