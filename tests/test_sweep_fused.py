@@ -4,7 +4,8 @@
   the elementwise gather of the standard layout, bit for bit (both copy source entries or
   write exact zeros), also written into a chunk's slot of a preallocated batch;
 * a residual sum ``[I, I]`` written straight into the chunk's slot is ``HStack``'s own sum,
-  bit for bit (the same single addition per entry);
+  bit for bit (the same single addition per entry), and so is any block row's sum into a slot
+  (the same additions in the same order; the operators' own ``apply_parts(xs, out)``);
 * :meth:`LayerJacobian.dot` on a channels-last batch below the full period (a batched GEMM)
   equals the dense contraction ``<x, H^I> + <x_b, H^b>`` of the densified rows;
 * a sweep whose budget binds (chunked steps written into preallocated states) equals the
@@ -93,6 +94,38 @@ def test_residual_sum_into_slot_equals_hstack(dtype):
     assert got.data_ptr() == out[1:8].data_ptr()
     assert torch.equal(out[1:8], ref)
     assert torch.equal(apply_parts(op, [a, b]), ref)  # without a slot: the operator's own path
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_block_row_sums_into_slot_equal_the_plain_sum(dtype):
+    """``HStack`` with ``out``: the left-to-right sum ``(A_1 x_1 + A_2 x_2) + A_3 x_3`` of its
+    plain path bit for bit (the first two terms added into the slot, the rest in place), with
+    zero (None) parts skipped and a single live part written by its operator's ``apply_into``
+    (a slope) or copied by the caller (an identity); ``Concat`` concatenates into the slot."""
+    from linop.operators.composite import Concat
+    from linop.operators.elementwise import Diagonal
+
+    shape = (4, 5, 3)
+    g = torch.Generator().manual_seed(7)
+    rnd = lambda n: _cl(torch.randn((n,) + shape, generator=g, dtype=torch.float64).to(dtype))  # noqa: E731
+    D = Diagonal(torch.randn(shape, generator=g, dtype=torch.float64))
+    op = HStack([Identity(shape), D, Identity(shape)])
+    a, b, c = rnd(6), rnd(6), rnd(6)
+    dd = D._param("diag", a)
+    for xs, ref in (([a, b, c], (a + b * dd) + c), ([None, b, c], b * dd + c), ([a, None, c], a + c),
+                    ([None, b, None], b * dd)):
+        assert torch.equal(op.apply_parts(xs), ref)
+        out = _cl(torch.full((8,) + shape, float("nan"), dtype=dtype))
+        got = apply_parts(op, xs, out=out[1:7])
+        assert got.data_ptr() == out[1:7].data_ptr()  # written into the slot
+        assert torch.equal(out[1:7], ref)
+    got = apply_parts(op, [a, None, None], out=out[1:7])  # an identity alone: returned for the caller to copy
+    assert torch.equal(got, a)
+    with pytest.raises(ValueError, match="xs has 2 entries"):
+        op.apply_parts([a, b])
+    cat = Concat([shape, shape])
+    out = torch.full((6, 8, 5, 3), float("nan"), dtype=dtype)
+    assert cat.apply_parts([a, b], out=out) is out and torch.equal(out, torch.cat([a, b], 1))
 
 
 def test_dot_below_full_period_equals_dense_rows(res):

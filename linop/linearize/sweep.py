@@ -9,10 +9,14 @@ exact gather with an x-independent, cached index); a recoloured residual input i
 later consumers, so no gather is repeated.
 
 Fused strategies (each tested equal to the plain step, ``tests/test_sweep_fused.py``): recolours
-and residual sums write into the chunk's slot of the preallocated state; a slope whose input
-batches nothing else reads (no other live state; no Jacobian handed to the caller, unless the sweep
-is ``transient`` — the verification's: each Jacobian is contracted before the next node runs)
-multiplies them in place.
+write into the chunk's slot of the preallocated state, and so does every operator that can
+(:meth:`Operator.apply_parts <linop.operators.base.Operator.apply_parts>` with ``out``: a residual
+sum adds into it, a slope multiplies in the batch's layout); an operator with an in-place form
+(:meth:`Operator.apply_ <linop.operators.base.Operator.apply_>`: a slope) whose input batches
+nothing else reads (no other live state; no Jacobian handed to the caller, unless the sweep is
+``transient`` — the verification's: each Jacobian is contracted before the next node runs)
+overwrites them.  The engine asks the operators, never tests their types: a user's operator gets
+these paths by implementing the protocol.
 
 Memory: the plan (:func:`linop.linearize.schedule.memory_plan`) sizes, per node, the chunk of
 tangents its step evaluates at a time (the operator's own torch path on row slices, written into

@@ -10,7 +10,6 @@ tangent batches — the fast path evaluates the operators, it has no rules of it
 """
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -19,9 +18,7 @@ import torch
 
 from ..network.geometry import Window
 from ..operators.base import Operator
-from ..operators.composite import HStack, apply_parts as _apply_parts
-from ..operators.elementwise import Diagonal
-from ..operators.structural import Identity
+from ..operators.composite import apply_parts as _apply_parts
 
 __all__ = ["CHANNELS_LAST", "State", "input_state", "step", "step_in_place", "apply_parts", "recolour",
            "recolour_rows", "spatial_groups", "chunked", "empty_batch"]
@@ -69,42 +66,12 @@ def input_state(shape: tuple[int, ...], image: tuple[int, int, int], chans: torc
 
 def apply_parts(op: Operator, xs: Sequence[torch.Tensor | None], out: torch.Tensor | None = None) -> torch.Tensor:
     """``Σ_i A_i x_i`` of the node's local operator on tangent batches, by the operator's own
-    torch path, except two evaluation strategies of the same maps: a diagonal (slope) operator
-    on a channels-last batch multiplies in that layout and a residual sum ``[I, I]`` adds (both
-    into ``out`` when given, a batch of the result's shape and layout: no copy afterwards; the
-    same products / sums as the operator's path, bit for bit)."""
-    if out is not None and len(xs) == 2 and _is_sum(op) and all(x is not None and x.shape == out.shape for x in xs):
-        # a residual sum [I, I]: the same single addition x_0 + x_1 as HStack's path, written
-        # straight into the chunk's slot of the state (no result temporary, no copy afterwards)
-        return torch.add(xs[0], xs[1], out=out)
-    if len(xs) == 1 and xs[0] is not None:
-        x = xs[0]
-        if _slope_cl(op, x):
-            # the same products x ⊙ d, with d in x's layout (a mismatched broadcast is ~1.5× slower)
-            if out is not None and out.shape == x.shape and out.stride() == x.stride():
-                return torch.mul(x, _diag_like(op, x), out=out)
-            return x * _diag_like(op, x)
-    return _apply_parts(op, xs)
-
-
-def _is_sum(op: Operator) -> bool:
-    """Whether ``op`` is a residual sum ``[I, I]`` evaluated by :meth:`HStack.apply_parts`."""
-    return isinstance(op, HStack) and type(op).apply_parts is HStack.apply_parts and len(op.ops) == 2 \
-        and all(type(o) is Identity for o in op.ops)
-
-
-#: per diagonal operator, its diagonal as a channels-last ``(1, C, H, W)`` tensor, by dtype / device
-_DIAG_CL: "weakref.WeakKeyDictionary[Operator, dict]" = weakref.WeakKeyDictionary()
-
-
-def _diag_like(op: Operator, x: torch.Tensor) -> torch.Tensor:
-    cache = _DIAG_CL.setdefault(op, {})
-    key = (x.dtype, x.device)
-    d = cache.get(key)
-    if d is None:
-        d = op._param("diag", x).reshape((1,) + tuple(x.shape[1:])).contiguous(memory_format=torch.channels_last)
-        cache[key] = d
-    return d
+    :meth:`~linop.operators.base.Operator.apply_parts`: into ``out`` (a batch of the result's shape
+    and layout, the chunk's slot of the state) where the operator has such a form — a residual sum
+    adds straight into it, a slope multiplies in the batch's layout — else a new batch that
+    :func:`chunked` copies.  The engine never tests the operator's type: an operator gets a fused
+    path by implementing the protocol (the same values as its plain path, bit for bit)."""
+    return _apply_parts(op, xs, out=out)
 
 
 def bias_columns(op: Operator) -> np.ndarray:
@@ -225,25 +192,20 @@ def step(op: Operator, n_inputs: int, reads_bias: bool, ins: Sequence[State], P:
     return State(Ti, P, Tb, cols)
 
 
-def _slope_cl(op: Operator, x: torch.Tensor) -> bool:
-    """Whether ``op`` is a diagonal (slope) operator evaluated by :meth:`Diagonal._apply` and
-    ``x`` a channels-last batch: :func:`apply_parts`' multiply-in-layout path."""
-    return isinstance(op, Diagonal) and type(op)._apply is Diagonal._apply and _is_cl(x)
-
-
 def step_in_place(op: Operator, s: State) -> State | None:
-    """The step of a diagonal (slope) node ``op`` on its only input state ``s``, evaluated in
-    place: ``T ← T ⊙ d`` for the image and the bias tangents (the products of :func:`step`,
-    bit for bit), or None when this strategy does not apply (not a diagonal operator on
-    channels-last batches).  The caller guarantees that nothing else reads ``s`` afterwards (its
-    last consumer, its batches shared with no other live state or yielded Jacobian): no new
-    state is allocated and no temporaries are made (its memory plan's terms are upper bounds)."""
-    if not _slope_cl(op, s.Ti) or not (s.Tb.shape[0] == 0 or _is_cl(s.Tb)):
+    """The step of a one-input node ``op`` on its only input state ``s``, evaluated in place by
+    the operator's :meth:`~linop.operators.base.Operator.apply_` (a slope: ``T ← T ⊙ d`` for the
+    image and the bias tangents; the products of :func:`step`, bit for bit), or None when the
+    operator has no in-place form for these batches (nothing is then written).  The caller
+    guarantees that nothing else reads ``s`` afterwards (its last consumer, its batches shared
+    with no other live state or yielded Jacobian): no new image state is allocated and no
+    temporaries are made (its memory plan's terms are upper bounds)."""
+    if tuple(s.Ti.shape[1:]) != tuple(op.out_shape) or not op.apply_(s.Ti):
         return None
-    s.Ti.mul_(_diag_like(op, s.Ti))
-    if s.Tb.shape[0]:
-        s.Tb.mul_(_diag_like(op, s.Tb))
-    return State(s.Ti, s.P, s.Tb, s.cols)
+    Tb = s.Tb
+    if Tb.shape[0] and not op.apply_(Tb):  # no in-place form for this batch: the plain product
+        Tb = batch_layout(op.apply_parts([Tb]))
+    return State(s.Ti, s.P, Tb, s.cols)
 
 
 def spatial_groups(g: Window, shape: tuple[int, ...]) -> tuple[int, int]:

@@ -102,6 +102,72 @@ class Operator(spla.LinearOperator):
         for out-of-bounds taps).  Duplicates are summed by the CSR conversion."""
         raise NotImplementedError
 
+    # ----------------------------------------------------------------- evaluation strategies
+    # The sweep engine (linop.linearize) evaluates every local operator through these three
+    # methods only, never by testing its type: an operator (a user's too) gets a fused path by
+    # implementing them.  Each is an evaluation strategy of ``_apply``: the same values, bit for bit.
+    def apply_parts(self, xs: Sequence[torch.Tensor | None], out: torch.Tensor | None = None) -> torch.Tensor:
+        r"""``y = Σ_i A_i x_i`` on the operator's inputs, one batch per part; a plain operator is a
+        block row with one part, ``y = A x_0``.
+
+        Parameters
+        ----------
+        xs : sequence of tensors
+            ``xs[i]`` of shape ``(N, *part_shape_i)``; a plain operator takes exactly one.
+            Block rows (:class:`~linop.operators.composite.BlockRow`) accept ``None`` for a
+            zero input.
+        out : tensor, optional
+            A batch of the result's shape ``(N, *out_shape)``, dtype and memory layout, possibly
+            a view into a larger state (a chunk's slot); it never aliases an input.  The
+            operator may write the result into it (then it returns ``out``) or return a new
+            tensor (then the caller copies it into ``out``): the values are the same either way.
+
+        Returns
+        -------
+        tensor
+            ``y``, bit for bit the values of the plain path (``_apply`` of the parts, summed
+            left to right).  The default writes into ``out`` when :meth:`apply_into` does.
+        """
+        if len(xs) != 1:
+            raise ValueError(f"{type(self).__name__}.apply_parts: a plain operator takes one input, got len(xs)={len(xs)}")
+        x = xs[0]
+        if x is None:
+            raise ValueError(f"{type(self).__name__}.apply_parts: xs[0] is None; the result's batch size is unknown")
+        if out is not None and self.apply_into(x, out):
+            return out
+        return self._apply(x)
+
+    def apply_into(self, x: torch.Tensor, out: torch.Tensor) -> bool:
+        """Write ``A x`` into ``out`` (a batch of the result's shape and layout that does not
+        alias ``x``; possibly a view into a larger state) when the operator has such a form for
+        these batches, with the values of ``_apply(x)`` bit for bit.
+
+        Returns
+        -------
+        bool
+            Whether it wrote ``out``.  The default has no such form (False): the caller
+            evaluates ``_apply(x)`` and copies.  An override must return False whenever a
+            subclass overrides ``_apply`` (the fast path must not bypass the override).
+        """
+        return False
+
+    def apply_(self, x: torch.Tensor) -> bool:
+        """Overwrite ``x`` with ``A x`` in place (``in_shape == out_shape``; the caller
+        guarantees nothing else reads ``x``), with the values of ``_apply(x)`` bit for bit.
+
+        Returns
+        -------
+        bool
+            Whether it did; the default has no in-place form (False, ``x`` untouched).  An
+            override must return False whenever a subclass overrides ``_apply``.
+        """
+        return False
+
+    def _applies_as(self, cls: type) -> bool:
+        """Whether this operator evaluates by ``cls._apply`` (no subclass overrides it): only then
+        is a fast path that ``cls`` defines an evaluation strategy of this operator's own map."""
+        return type(self)._apply is cls._apply
+
     # ----------------------------------------------------------------- parameters
     def _param(self, name: str, like: torch.Tensor) -> torch.Tensor:
         """Parameter ``name`` (a CPU tensor attribute) on ``like``'s device and dtype."""

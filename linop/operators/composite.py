@@ -222,9 +222,11 @@ class BlockRow(_Composite):
         self._sizes = [prod(s) for s in self.part_shapes]
         Operator.__init__(self, (sum(self._sizes),), out_shape, dtype=dtype)
 
-    def apply_parts(self, xs: Sequence[torch.Tensor | None]) -> torch.Tensor:
+    def apply_parts(self, xs: Sequence[torch.Tensor | None], out: torch.Tensor | None = None) -> torch.Tensor:
         """``Σ_i A_i x_i`` for batched ``xs[i]`` of shape ``(N, *part_shapes[i])``; ``None``
-        stands for a zero input (skipped, where the kind allows it)."""
+        stands for a zero input (skipped, where the kind allows it).  ``out``: as in
+        :meth:`Operator.apply_parts <linop.operators.base.Operator.apply_parts>` (write the
+        result into it and return it, or return a new tensor; the same values either way)."""
         raise NotImplementedError
 
     def adjoint_parts(self, y: torch.Tensor) -> list[torch.Tensor]:
@@ -270,14 +272,39 @@ class HStack(BlockRow):
         self.ops = ops
         self._init_parts([op.in_shape for op in ops], ops[0].out_shape, result_dtype(*[op.dtype for op in ops]))
 
-    def apply_parts(self, xs):
-        out = None
-        for op, x in zip(self.ops, xs):
-            if x is not None:  # a zero input (e.g. x_b's image tangents) contributes nothing
-                out = op._apply(x) if out is None else out + op._apply(x)
-        if out is None:
+    def apply_parts(self, xs, out=None):
+        r"""``y = A_1 x_1 + A_2 x_2 + …`` summed left to right over the non-zero parts (``None``
+        is a zero input, e.g. ``x_b``'s image tangents, and contributes nothing).
+
+        With ``out`` (a batch of ``y``'s shape and dtype): the first two terms are added straight
+        into it, ``torch.add(A_1 x_1, A_2 x_2, out=out)``, and each later one in place — the
+        same additions in the same order as ``(A_1 x_1 + A_2 x_2) + …``, bit for bit, with no
+        result temporary (a residual sum ``[I, I]`` reads its inputs and writes ``out`` once); a
+        single term goes through its operator's :meth:`~linop.operators.base.Operator.apply_into`."""
+        if len(xs) != len(self.ops):
+            raise ValueError(f"HStack.apply_parts: xs has {len(xs)} entries, expected {len(self.ops)} (one per part)")
+        live = [(op, x) for op, x in zip(self.ops, xs) if x is not None]
+        if not live:
             raise ValueError("HStack.apply_parts: every input is None (zero); the result's batch size is unknown")
-        return out
+        if out is not None and len(live) == 1:
+            op, x = live[0]
+            return out if op.apply_into(x, out) else op._apply(x)
+        y = live[0][0]._apply(live[0][1])
+        rest = iter(live[1:])
+        if out is not None:
+            op, x = next(rest)
+            z = op._apply(x)
+            if z.shape != out.shape or z.dtype != out.dtype or y.shape != out.shape or y.dtype != out.dtype:
+                raise ValueError(f"HStack.apply_parts: out has shape {tuple(out.shape)} / {out.dtype}, the result "
+                                 f"{tuple(z.shape)} / {z.dtype}")
+            y = torch.add(y, z, out=out)
+            del z  # the second term's temporary (if any) is freed before the next one is made
+            for op, x in rest:
+                y.add_(op._apply(x))
+            return y
+        for op, x in rest:
+            y = y + op._apply(x)
+        return y
 
     def adjoint_parts(self, y):
         return [op._apply_adjoint(y) for op in self.ops]
@@ -319,10 +346,13 @@ class Concat(BlockRow):
         pieces = [torch.arange(int(o), int(o) + n).reshape(s) for o, n, s in zip(offs, self._sizes, shapes)]
         self.perm = torch.cat(pieces, dim=self.axis).reshape(-1)  # output entry -> stacked input entry
 
-    def apply_parts(self, xs):
+    def apply_parts(self, xs, out=None):
+        """``torch.cat(xs)`` along the axis (``None`` parts as zeros), written into ``out`` when given."""
         if any(x is None for x in xs):
             like = next(x for x in xs if x is not None)
             xs = [like.new_zeros((like.shape[0],) + s) if x is None else x for x, s in zip(xs, self.part_shapes)]
+        if out is not None:
+            return torch.cat(list(xs), dim=self.axis + 1, out=out)  # copies: the same values
         return torch.cat(list(xs), dim=self.axis + 1)
 
     def adjoint_parts(self, y):
@@ -341,9 +371,11 @@ def n_parts(op: Operator) -> int:
     return len(op.part_shapes) if isinstance(op, BlockRow) else 1
 
 
-def apply_parts(op: Operator, xs: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``op`` applied to its inputs ``xs`` (one batched tensor per part)."""
-    return op.apply_parts(xs) if isinstance(op, BlockRow) else op._apply(xs[0])
+def apply_parts(op: Operator, xs: Sequence[torch.Tensor | None], out: torch.Tensor | None = None) -> torch.Tensor:
+    """``op`` applied to its inputs ``xs`` (one batched tensor per part; a plain operator has
+    one): :meth:`Operator.apply_parts <linop.operators.base.Operator.apply_parts>`, into ``out``
+    where the operator can (it returns ``out`` then; else a new tensor for the caller to copy)."""
+    return op.apply_parts(xs) if out is None else op.apply_parts(xs, out=out)
 
 
 def adjoint_parts(op: Operator, y: torch.Tensor) -> list[torch.Tensor]:
