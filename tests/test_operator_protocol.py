@@ -200,6 +200,28 @@ def test_plain_operator_apply_parts_checks_its_inputs():
         op.apply_parts([None])
 
 
+def test_block_row_with_the_old_apply_parts_signature_still_runs_chunked():
+    """A user block row written before ``out=`` (``apply_parts(self, xs)``) is wrapped at class
+    creation: a chunked step passes ``out``, the row's own result comes back and is copied, the
+    same values as its plain call (bit for bit: nothing but a copy differs)."""
+    from linop.operators.composite import HStack
+    from linop.operators.structural import Identity
+
+    class OldSum(HStack):
+        def apply_parts(self, xs):  # the pre-``out`` signature
+            return xs[0] * 1.0 + xs[1] * 2.0
+
+    op = OldSum([Identity((3, 4, 4)), Identity((3, 4, 4))])
+    assert "out" in inspect.signature(type(op).apply_parts).parameters
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(5, 3, 4, 4, generator=g, dtype=torch.float64) for _ in range(2)]
+    out = torch.empty(5, 3, 4, 4, dtype=torch.float64)
+    res = tangents.chunked(lambda r0, r1, dst: tangents.apply_parts(op, [x[r0:r1] for x in xs], out=dst),
+                           5, 2, (3, 4, 4), xs[0])
+    assert torch.equal(res, xs[0] + 2.0 * xs[1])
+    assert op.apply_parts(xs, out=out) is not out  # the old row never writes out: the caller copies
+
+
 # --------------------------------------------------------------------------- the engine's source
 
 ENGINE = Path(inspect.getfile(tangents)).parent
@@ -224,12 +246,12 @@ def _names(node: ast.AST) -> set[str]:
         {n.attr for n in ast.walk(node) if isinstance(n, ast.Attribute)}
 
 
-def _op_type_uses(src: str, classes: set[str]) -> set[str]:
+def _op_type_uses(src: str, classes: set[str], imports: bool = True) -> set[str]:
     """Operator classes that ``src`` imports from linop's operators, tests with ``isinstance`` /
     ``issubclass``, or compares a ``type(...)`` with."""
     found = set()
     for node in ast.walk(ast.parse(src)):
-        if isinstance(node, ast.ImportFrom) and "operators" in (node.module or ""):
+        if imports and isinstance(node, ast.ImportFrom) and "operators" in (node.module or ""):
             found |= {a.name for a in node.names if a.name in classes}
         elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) \
                 and node.func.id in ("isinstance", "issubclass") and len(node.args) == 2:
@@ -243,14 +265,45 @@ def _op_type_uses(src: str, classes: set[str]) -> set[str]:
 
 
 def test_engine_does_not_branch_on_operator_types():
-    """No ``linop/linearize`` module imports an operator class to test an operator's type
+    """No ``linop/linearize`` module (nor the linear node's reverse step) imports an operator class to test an operator's type
     (``isinstance`` / ``issubclass`` / ``type(op) is ...``); the detector itself flags such code."""
     classes = _operator_classes()
     assert {"HStack", "Diagonal", "Identity", "Conv2d", "ReLUMask"} <= classes
     bad = ("from ..operators.elementwise import Diagonal\nfrom ..operators.composite import HStack\n"
            "def f(op):\n    return isinstance(op, (HStack, int)) or type(op) is Diagonal\n")
     assert _op_type_uses(bad, classes) == {"Diagonal", "HStack"}
+    # the sweep engine, and the reverse walk's step of a linear node (closed-form pinv pattern,
+    # §3.4(b) window copy: declared by the operator, Operator.pinv_by_pattern / average_windows)
+    # (the node builds operators, so only its type tests count there, not its imports)
     files = sorted(ENGINE.glob("*.py"))
     assert {"tangents.py", "sweep.py", "layer_jacobian.py"} <= {f.name for f in files}
+    node = ENGINE.parent / "network" / "linear.py"
     hits = {(f.name, c) for f in files for c in _op_type_uses(f.read_text(), classes)}
+    hits |= {(node.name, c) for c in _op_type_uses(node.read_text(), classes, imports=False)}
+    assert _op_type_uses("def f(op):\n    return isinstance(op, AvgPool2d)\n", classes, imports=False) == {"AvgPool2d"}
     assert hits <= KNOWN, sorted(hits - KNOWN)
+
+
+def test_reverse_step_uses_what_the_operator_declares():
+    """The reverse step of a linear node takes the closed-form pseudo-inverse for an operator that
+    declares ``pinv_by_pattern`` (checked against its actual pattern) and never for one that does
+    not, whatever its class; average pooling declares its copy-back windows only in floor mode."""
+    from linop.network.linear import LinearNode
+    from linop.operators.pool import AvgPool2d
+    from linop.operators.structural import Identity
+
+    class Declared(Scale):
+        pinv_by_pattern = True
+
+        def _coo(self):
+            n = int(np.prod(self.in_shape))
+            i = np.arange(n)
+            return i, i, np.full(n, self.c)
+
+    node = LinearNode.__new__(LinearNode)
+    for op, want in ((Declared(2.0, (2, 3, 3)), True), (Scale(2.0, (2, 3, 3)), False), (Identity((4,)), True)):
+        node.op, node._pattern = op, None
+        assert (node.structural_pattern is not None) is want, type(op).__name__
+    assert AvgPool2d((1, 4, 4), 2).average_windows() == ((2, 2), (2, 2), (0, 0))
+    assert AvgPool2d((1, 5, 5), 2, ceil_mode=True).average_windows() is None
+    assert Identity((4,)).average_windows() is None

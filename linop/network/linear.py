@@ -49,14 +49,14 @@ class LinearNode(Node):
     def structural_pattern(self) -> Any:
         """The closed-form pseudo-inverse pattern of an operator with at most one non-zero per
         row and column (flatten, channel pad, subsample, scale, identity, diagonal, average
-        pooling), or None — computed once per node.  Only those families are examined, so a
-        convolution's or dense layer's matrix is never assembled for it."""
+        pooling: the operators that declare :attr:`~linop.operators.base.Operator.pinv_by_pattern`),
+        or None — computed once per node.  Only those are examined, so a convolution's or dense
+        layer's matrix is never assembled for it."""
         if self._pattern is None:
-            from ..operators import AvgPool2d, ChannelPad, Diagonal, Flatten, Identity, Scale, Subsample
             from ..reverse.steps import structural_pinv
 
-            kinds = (Flatten, ChannelPad, Subsample, Scale, Identity, Diagonal, AvgPool2d)
-            self._pattern = (structural_pinv(self.op) if isinstance(self.op, kinds) else None,)
+            # the operator says whether it may be of that kind (Operator.pinv_by_pattern)
+            self._pattern = (structural_pinv(self.op) if self.op.pinv_by_pattern else None,)
         return self._pattern[0]
 
     def reverse(self, z_star, z_hat, a_hats, x_b, options):
@@ -66,7 +66,6 @@ class LinearNode(Node):
 
         Both MDP/CCP labels are reported: ``case`` from W's rank, ``paper_case`` by seed 001's
         channel / width rule.  ``options.paper`` solves as the paper does (:meth:`_solve`)."""
-        from ..operators import AvgPool2d
         from ..reverse import steps
         from ..solvers.case import channel_case
 
@@ -74,8 +73,8 @@ class LinearNode(Node):
         a_hat, op = a_hats[0], self.op
         report.paper_case = channel_case(op)[0]
         N = z_star.shape[0]
-        avg_copy = (options.avgpool == "copy" and isinstance(op, AvgPool2d) and not op.ceil_mode
-                    and op.divisor_override is None)
+        windows = op.average_windows() if options.avgpool == "copy" else None  # the operator's own
+        avg_copy = windows is not None
         # pool_rule "copy" (seed 001 §3.4(b)): unchanged average-pooling windows are copied back too
         keep = options.keep_unchanged and not (avg_copy and options.pool_rule == "copy")
         changed = ((z_star != z_hat).reshape(N, -1).any(1) if keep
@@ -91,8 +90,9 @@ class LinearNode(Node):
             report.method, report.solved_as = "structural", "lsq-closest"
         elif avg_copy:
             try:
-                a = steps.unpool_avg(z_star, op.kernel_size, op.in_shape, mode="copy", a_hat=a_hat,
-                                     stride=op.stride, padding=op.padding, p_hat=z_hat if keep else None)
+                kernel, stride, padding = windows
+                a = steps.unpool_avg(z_star, kernel, op.in_shape, mode="copy", a_hat=a_hat,
+                                     stride=stride, padding=padding, p_hat=z_hat if keep else None)
                 report.case, report.method, report.solved_as = "MDP", "copy", "copy"
                 report.solve_info = {"pool_rule": options.pool_rule}
             except NotImplementedError:

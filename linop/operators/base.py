@@ -17,6 +17,7 @@ device and dtype of the data they meet, and caches the result.
 """
 from __future__ import annotations
 
+import inspect
 from math import prod
 from typing import Any, Sequence
 
@@ -89,6 +90,32 @@ class Operator(spla.LinearOperator):
         self.out_shape = as_shape(out_shape, "out_shape")
         super().__init__(dtype=numpy_dtype(dtype), shape=(prod(self.out_shape), prod(self.in_shape)))
         self._param_cache: dict[tuple, torch.Tensor] = {}
+
+    #: the matrix may have at most one non-zero per row and per column (selections, paddings,
+    #: scalings, diagonals, window-1 pooling): a reverse step then tries the closed form
+    #: ``W⁺ = Wᵀ`` with reciprocal values (it checks the actual pattern of ``to_sparse()``).  A
+    #: general operator (False, the default) is never assembled for that test.  A user's
+    #: operator of that kind sets it to get the closed-form reverse step.
+    pinv_by_pattern: bool = False
+
+    def average_windows(self) -> tuple[Any, Any, Any] | None:
+        """``(kernel_size, stride, padding)`` when the operator averages its input over pooling
+        windows (average pooling in floor mode, no divisor override): the windows into which
+        seed 001 §3.4(b) copies a pooled target back (``ReverseOptions.avgpool == "copy"``).
+        None (the default) for every other operator."""
+        return None
+
+    def __init_subclass__(cls, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        own = cls.__dict__.get("apply_parts")
+        if own is not None and "out" not in inspect.signature(own).parameters:
+            # a user block row written as ``apply_parts(self, xs)`` (before ``out=``): it keeps
+            # working in chunked sweeps — its result is returned and the caller copies it
+            def apply_parts(self, xs, out=None, _own=own):
+                return _own(self, xs)
+
+            apply_parts.__doc__ = own.__doc__  # (no __wrapped__: signature() must show out=)
+            cls.apply_parts = apply_parts
 
     # ----------------------------------------------------------------- subclass API
     def _apply(self, x: torch.Tensor) -> torch.Tensor:  # (N, *in_shape) -> (N, *out_shape)

@@ -71,6 +71,8 @@ class Diagonal(Operator):
         not structural non-zeros) unless this is True.
     """
 
+    pinv_by_pattern = True  # a diagonal: at most one non-zero per row and column
+
     def __init__(self, d: Any, shape: Sequence[int] | None = None, keep_zeros: bool = False):
         dt = as_cpu_tensor(d, "d")
         shp = as_shape(tuple(dt.shape) if shape is None else shape, "shape")

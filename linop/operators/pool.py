@@ -74,6 +74,15 @@ class AvgPool2d(Operator):
     window sums up to their order, divided by ``k_h·k_w``.
     """
 
+    pinv_by_pattern = True  # a window-1 pool selects (and a general one is checked, not assumed)
+
+    def average_windows(self) -> tuple[Any, Any, Any] | None:
+        """``(kernel_size, stride, padding)`` in floor mode without a divisor override (the
+        windows seed 001 §3.4(b) copies a pooled target back into); None otherwise."""
+        if self.ceil_mode or self.divisor_override is not None:
+            return None
+        return self.kernel_size, self.stride, self.padding
+
     def __init__(
         self,
         input_shape: Sequence[int],

@@ -108,6 +108,8 @@ class ChannelPad(Operator):
     ``input_shape`` is ``(C, ...)``; output ``(before + C + after, ...)``.
     """
 
+    pinv_by_pattern = True  # at most one non-zero per row and column
+
     def __init__(self, input_shape: Sequence[int], before: int, after: int, dtype: Any = np.float64):
         ins = as_shape(input_shape, "input_shape")
         for name, v in (("before", before), ("after", after)):
@@ -134,6 +136,8 @@ class Subsample(Operator):
     The ResNet20 shortcut's "average pooling with window 1, stride 2" (Table D.3) is
     ``Subsample(stride=(2, 2))``.
     """
+
+    pinv_by_pattern = True  # at most one non-zero per row and column
 
     def __init__(self, input_shape: Sequence[int], stride: int | Sequence[int] = (2, 2),
                  offset: int | Sequence[int] = (0, 0), dtype: Any = np.float64):
@@ -196,6 +200,8 @@ class Slice(Operator):
 class Identity(Operator):
     """The identity on tensors of shape ``shape``."""
 
+    pinv_by_pattern = True  # at most one non-zero per row and column
+
     def __init__(self, shape: Sequence[int], dtype: Any = np.float64):
         shp = as_shape(shape, "shape")
         super().__init__(shp, shp, dtype=numpy_dtype(dtype))
@@ -212,6 +218,8 @@ class Identity(Operator):
 
 class Flatten(Operator):
     """``(C, H, W) -> (C·H·W,)`` in C order (identity matrix; changes only the shape)."""
+
+    pinv_by_pattern = True  # at most one non-zero per row and column
 
     def __init__(self, input_shape: Sequence[int], dtype: Any = np.float64):
         ins = as_shape(input_shape, "input_shape")
@@ -231,6 +239,8 @@ class Flatten(Operator):
 class Scale(Operator):
     """``y = α x`` with a scalar α, or one α per channel (axis 0 of ``shape``) — e.g. a
     Fixup multiplier.  Entries with α = 0 are not stored by ``to_sparse``."""
+
+    pinv_by_pattern = True  # at most one non-zero per row and column
 
     def __init__(self, shape: Sequence[int], alpha: Any):
         shp = as_shape(shape, "shape")
