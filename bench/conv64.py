@@ -5,9 +5,12 @@
 For the convolution shapes of VGG7 / ResNet20 / Fixup-ResNet20 (their stages are 32 / 64 / 96
 channels on 32² / 16² / 8²; the stride-2 convs and a 1×1 for comparison) and a tangent batch of
 ``--batch`` channels-last tensors (the sweep's layout), times in one run, best of ``--reps`` (the variants interleaved):
-torch float64 (``LINOP_CONV64=torch``), ``Conv2d`` float64 under ``auto`` (the shifted-GEMM
-path where :func:`linop.operators.conv_gemm.use_gemm` picks it, else torch), torch float32, and
-the adjoints (``F.conv_transpose2d`` vs the path), and prints GMAC/s and the ratios.  ``uptime``
+torch float64 (``LINOP_CONV64=torch``), the pre-NHWC choice (``old64``: CNHW shifted GEMMs where
+:func:`linop.operators.conv_gemm.rule` picks them, else torch), the two channels-last strategies
+forced (``nhwc``: NHWC shifted GEMMs, stride 1; ``patch``: one patch GEMM per image), ``Conv2d``
+float64 under ``auto`` (the strategy :func:`linop.operators.conv_gemm.choose` picks, printed),
+torch float32, and the adjoints (``F.conv_transpose2d`` vs ``auto``), and prints GMAC/s and the
+ratios.  ``uptime``
 is printed before and after (the machine is shared: compare ratios inside one run only).
 """
 from __future__ import annotations
@@ -58,44 +61,70 @@ def _best(fns: dict, reps: int) -> dict:
     return best
 
 
+def _fixed(fn, mode: str = "auto"):
+    """``fn`` as a :func:`_best` entry (the mode only matters to ``Conv2d`` calls)."""
+    return (mode, fn)
+
+
 def run(batch: int, reps: int) -> list[dict]:
-    from linop.operators import Conv2d, conv_gemm
+    import torch.nn.functional as F
+
+    from linop.operators import Conv2d, conv_gemm, conv_nhwc
 
     rows = []
     g = torch.Generator().manual_seed(0)
     for label, ci, co, H, k, s in SHAPES:
         w = torch.randn(co, ci, k, k, generator=g, dtype=torch.float64)
-        op = Conv2d(w, (ci, H, H), stride=s, padding=k // 2)
+        p = k // 2
+        P, one, kk = (p,) * 4, (1, 1), (k, k)
+        op = Conv2d(w, (ci, H, H), stride=s, padding=p)
         x = torch.randn(batch, ci, H, H, generator=g, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
         y = torch.randn((batch,) + op.out_shape, generator=g, dtype=torch.float64).contiguous(
             memory_format=torch.channels_last)
-        x32, op32 = x.float(), Conv2d(w.float(), (ci, H, H), stride=s, padding=k // 2)
+        x32, op32 = x.float(), Conv2d(w.float(), (ci, H, H), stride=s, padding=p)
         mac = batch * op.nnz  # multiply-adds of the batch (in-bounds taps)
-        t = _best({"torch64": ("torch", lambda: op.apply(x)), "auto64": ("auto", lambda: op.apply(x)),
-                   "torch32": ("auto", lambda: op32.apply(x32)),
-                   "torch64_adj": ("torch", lambda: op.apply_adjoint(y)),
-                   "auto64_adj": ("auto", lambda: op.apply_adjoint(y))}, reps)
-        old = conv_gemm.CONV64
+        taps, wm = conv_gemm.tap_weights(w), conv_nhwc.patch_weight(w)
+        taps_t = conv_nhwc.nhwc_taps(taps)
+        # the pre-NHWC choice: CNHW shifted GEMMs where rule() picks them (channels-last copied in), else torch
+        old = conv_gemm.rule((ci, H, H), co, kk, (s, s), 1, P, torch.float64)
+        fns = {"torch64": _fixed(lambda: op.apply(x), "torch"), "auto64": _fixed(lambda: op.apply(x)),
+               "old64": _fixed((lambda: conv_gemm.conv2d_shifted_gemm(x, taps, kk, P, one)) if old else
+                               (lambda: F.conv2d(x, w, None, s, p))),
+               "patch64": _fixed(lambda: conv_nhwc.conv2d_nhwc_im2col(x, wm, kk, (s, s), P, one)),
+               "torch32": _fixed(lambda: op32.apply(x32)),
+               "torch64_adj": _fixed(lambda: op.apply_adjoint(y), "torch"),
+               "auto64_adj": _fixed(lambda: op.apply_adjoint(y))}
+        if s == 1:
+            fns["nhwc64"] = _fixed(lambda: conv_nhwc.conv2d_nhwc_shifted(x, taps_t, kk, P, one))
+        t = _best(fns, reps)
+        conv_gemm_mode = conv_gemm.CONV64
         conv_gemm.CONV64 = "auto"
-        picked = conv_gemm.use_gemm(x, co, op.kernel_size, op.stride, op.groups, op.padding)
-        conv_gemm.CONV64 = old
-        row = dict(shape=label, batch=batch, gmac=mac / 1e9, gemm=picked,
+        picked = conv_gemm.choose(x, co, op.kernel_size, op.stride, op.groups, op.padding)
+        picked_adj = conv_gemm.choose(y, ci, op.kernel_size, op.stride, op.groups,
+                                      conv_gemm.adjoint_padding(P, kk, one), adjoint=True)
+        conv_gemm.CONV64 = conv_gemm_mode
+        row = dict(shape=label, batch=batch, gmac=mac / 1e9, strategy=picked, strategy_adj=picked_adj,
                    **{f"{key}_s": v for key, v in t.items()},
                    **{f"{key}_gmacs": mac / v / 1e9 for key, v in t.items()})
         row["speedup"] = t["torch64"] / t["auto64"]
+        row["speedup_vs_old"] = t["old64"] / t["auto64"]
         row["speedup_adj"] = t["torch64_adj"] / t["auto64_adj"]
         row["f64_over_f32_torch"] = t["torch64"] / t["torch32"]
+        row["f64_over_f32_old"] = t["old64"] / t["torch32"]
         row["f64_over_f32_auto"] = t["auto64"] / t["torch32"]
         rows.append(row)
-        print(f"{label:24s} {'gemm ' if picked else 'torch'} GMAC/s: torch64 {row['torch64_gmacs']:5.1f}  "
-              f"auto64 {row['auto64_gmacs']:5.1f}  torch32 {row['torch32_gmacs']:5.1f}  | adj torch64 "
-              f"{row['torch64_adj_gmacs']:5.1f} auto64 {row['auto64_adj_gmacs']:5.1f}  | speed-up "
-              f"{row['speedup']:.2f} (adj {row['speedup_adj']:.2f})  f64/f32 {row['f64_over_f32_torch']:.1f} -> "
-              f"{row['f64_over_f32_auto']:.1f}", flush=True)
-    tot = {key: sum(r["gmac"] / r[f"{key}_gmacs"] for r in rows) for key in ("torch64", "auto64", "torch32")}
-    print(f"all shapes together: float64 torch {tot['torch64']:.2f} s, auto {tot['auto64']:.2f} s "
-          f"({tot['torch64'] / tot['auto64']:.2f}x); float64/float32 {tot['torch64'] / tot['torch32']:.1f} -> "
-          f"{tot['auto64'] / tot['torch32']:.1f}")
+        gm = lambda key: f"{row[key + '_gmacs']:5.1f}" if key + "_gmacs" in row else "    -"
+        print(f"{label:24s} {picked:5s}/{picked_adj:5s} GMAC/s: torch64 {gm('torch64')} old64 {gm('old64')} "
+              f"nhwc {gm('nhwc64')} patch {gm('patch64')} auto64 {gm('auto64')} torch32 {gm('torch32')} | adj "
+              f"torch64 {gm('torch64_adj')} auto64 {gm('auto64_adj')} | auto/torch64 {row['speedup']:.2f} "
+              f"auto/old {row['speedup_vs_old']:.2f} (adj {row['speedup_adj']:.2f}) | f64/f32 torch "
+              f"{row['f64_over_f32_torch']:.1f} old {row['f64_over_f32_old']:.1f} auto {row['f64_over_f32_auto']:.1f}",
+              flush=True)
+    tot = {key: sum(r["gmac"] / r[f"{key}_gmacs"] for r in rows) for key in ("torch64", "old64", "auto64", "torch32")}
+    print(f"all shapes together: float64 torch {tot['torch64']:.2f} s, old {tot['old64']:.2f} s, auto "
+          f"{tot['auto64']:.2f} s ({tot['torch64'] / tot['auto64']:.2f}x torch, {tot['old64'] / tot['auto64']:.2f}x old);"
+          f" float64/float32: torch {tot['torch64'] / tot['torch32']:.1f}, old {tot['old64'] / tot['torch32']:.1f}, "
+          f"auto {tot['auto64'] / tot['torch32']:.1f}")
     return rows
 
 

@@ -215,17 +215,24 @@ def recolour_walk(nodes: Sequence[Node], period: dict[str, Period]) -> list[list
 def conv_workspace(op: Any, itemsize: int) -> int:
     """Elements of a convolution ``op``'s own workspace per tangent (0 for other ops).
 
-    CPU float64 stride-1 convolutions that :func:`linop.operators.conv_gemm.rule` sends to the
-    shifted-GEMM path allocate the padded CNHW input and the output grid, ``(C_in + C_out)·G``
-    per tangent (:func:`~linop.operators.conv_gemm.workspace`, ``G`` the padded image slot; the
-    result is a view of the grid).  Other float64 convolutions (and any dtype without oneDNN) run
-    torch's ``slow_conv2d``: an im2col column buffer of ``C_in·k_h·k_w·H_out·W_out`` elements per
-    batch entry for the whole batch before the GEMMs (measured: a float64 3×3 conv of a 32 MB
-    batch grows the RSS by 9 × 32 MB + the output).  oneDNN (float32 on the CPU) works without
-    columns; its layout reorders are covered by the generic one-input-one-output temporaries of
-    :func:`memory_plan`."""
-    from ..operators import conv_gemm
+    CPU float64 convolutions that :func:`linop.operators.conv_gemm.strategy` sends to a GEMM
+    strategy (for the layout the sweep uses, :data:`linop.linearize.tangents.CHANNELS_LAST`):
+
+    * ``"cnhw"`` / ``"nhwc"`` (shifted GEMMs, stride 1): the padded input and the output grid,
+      ``(C_in + C_out)·G`` per tangent (``G`` the padded image slot of
+      :func:`~linop.operators.conv_gemm.slot`; the result is a view of the grid);
+    * ``"patch"`` (channels-last, small images or stride > 1): the padded NHWC copy and the
+      output, ``C_in·(H + t + b)·(W + l + r) + C_out·H_out·W_out`` per tangent (its one patch
+      matrix ``H_out·W_out·k_h·k_w·C_in`` is per batch, not per tangent).
+
+    Other float64 convolutions (and any dtype without oneDNN) run torch's ``slow_conv2d``: an
+    im2col column buffer of ``C_in·k_h·k_w·H_out·W_out`` elements per batch entry for the whole
+    batch before the GEMMs (measured: a float64 3×3 conv of a 32 MB batch grows the RSS by
+    9 × 32 MB + the output).  oneDNN (float32 on the CPU) works without columns; its layout
+    reorders are covered by the generic one-input-one-output temporaries of :func:`memory_plan`."""
+    from ..operators import conv_gemm, conv_nhwc
     from ..operators.conv import Conv2d
+    from . import tangents
 
     if not isinstance(op, Conv2d):
         return 0
@@ -234,12 +241,16 @@ def conv_workspace(op: Any, itemsize: int) -> int:
     if itemsize == 4 and torch.backends.mkldnn.is_available():
         return 0
     C, H, W = (int(v) for v in op.in_shape)
-    c_out = int(op.out_shape[0])
-    if itemsize == 8 and conv_gemm.rule((C, H, W), c_out, op.kernel_size, op.stride, op.groups, op.padding,
-                                        torch.float64):
+    c_out, Ho, Wo = (int(v) for v in op.out_shape)
+    nhwc = bool(tangents.CHANNELS_LAST) and C > 1 and H * W > 1  # conv_nhwc.is_nhwc of the sweep's batches
+    how = conv_gemm.strategy((C, H, W), c_out, op.kernel_size, op.stride, op.groups, op.padding,
+                             torch.float64 if itemsize == 8 else torch.float32, nhwc=nhwc)
+    if how in ("cnhw", "nhwc"):
         return conv_gemm.workspace(C, c_out, H, W, op.padding, op.kernel_size, op.dilation)
+    if how == "patch":
+        return conv_nhwc.im2col_workspace(C, c_out, H, W, op.padding, Ho, Wo)
     kh, kw = op.kernel_size
-    return int(op.weight.shape[1]) * int(op.groups) * kh * kw * int(np.prod(op.out_shape[1:]))
+    return int(op.weight.shape[1]) * int(op.groups) * kh * kw * Ho * Wo
 
 
 def memory_plan(nodes: Sequence[Node], period: dict[str, Period], new_cols: dict[str, np.ndarray], n_bias: int,

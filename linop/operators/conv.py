@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import backend
-from . import conv_gemm
+from . import conv_gemm, conv_nhwc
 from .base import Operator, as_shape, numpy_dtype
 
 __all__ = ["Conv2d", "DEFAULT_MAX_SPARSE_BYTES"]
@@ -228,12 +228,14 @@ class Conv2d(Operator):
     exactly zero are kept as structural entries, so the pattern depends only on the geometry.
 
     *Evaluation.*  ``apply`` / ``apply_adjoint`` call ``F.conv2d`` / ``F.conv_transpose2d``,
-    except for CPU float64 stride-1, groups-1 convolutions with kernels > 1×1 on images of ≥ 128
-    pixels with enough channels (:func:`conv_gemm.use_gemm`), which run as ``k_h·k_w`` shifted
-    GEMMs per image on one padded CNHW copy of the batch (:mod:`linop.operators.conv_gemm`:
-    1.5–2.3× torch's ``slow_conv2d`` here; the adjoint as the convolution with the flipped,
-    transposed kernel when ``2·C_in >= C_out``) — the same operator, summed in a different order,
-    each image's values independent of the batch it is in.  ``LINOP_CONV64=torch`` (or
+    except for CPU float64 groups-1 convolutions with kernels > 1×1 and enough channels
+    (:func:`conv_gemm.choose`): NCHW batches, stride 1, images of ≥ 128 pixels run as ``k_h·k_w``
+    shifted GEMMs per image on one padded CNHW copy (:mod:`linop.operators.conv_gemm`: 1.5–2.3×
+    torch's ``slow_conv2d`` here); channels-last batches (the sweep's) in their own layout
+    (:mod:`linop.operators.conv_nhwc`): one patch GEMM per image (any stride; NHWC shifted GEMMs
+    where :data:`conv_gemm.NHWC_SHIFT_PIXELS` asks), returning channels-last; adjoints (stride 1) as
+    the convolution with the flipped, transposed kernel when ``2·C_in >= C_out`` — the same
+    operator, summed in a different order, each image's values independent of the batch it is in.  ``LINOP_CONV64=torch`` (or
     ``linop.operators.conv_gemm.CONV64 = "torch"``) keeps torch's path everywhere.
     """
 
@@ -298,10 +300,9 @@ class Conv2d(Operator):
 
     # ------------------------------------------------------------------ torch path
     def _apply(self, x: torch.Tensor) -> torch.Tensor:
-        if conv_gemm.use_gemm(x, self.out_shape[0], self.kernel_size, self.stride, self.groups, self.padding):
-            # CPU float64: the same operator evaluated by shifted GEMMs (conv_gemm's notes)
-            return conv_gemm.conv2d_shifted_gemm(x, self._taps(x, False), self.kernel_size, self.padding,
-                                                 self.dilation)
+        how = conv_gemm.choose(x, self.out_shape[0], self.kernel_size, self.stride, self.groups, self.padding)
+        if how != "torch":  # CPU float64: the same operator evaluated by GEMMs (conv_gemm / conv_nhwc notes)
+            return self._gemm(how, x, False, self.stride, self.padding)
         w = self._param("weight", x)
         pt, pb, pl, pr = self.padding
         if self._symmetric:
@@ -312,8 +313,9 @@ class Conv2d(Operator):
         # stride 1: the transposed conv is the conv of y with the flipped, transposed kernel
         # padded by d·(k-1) - p (conv_gemm.adjoint_padding; negative = crop: torch's path)
         apad = conv_gemm.adjoint_padding(self.padding, self.kernel_size, self.dilation)
-        if conv_gemm.use_gemm(y, self.in_shape[0], self.kernel_size, self.stride, self.groups, apad, adjoint=True):
-            return conv_gemm.conv2d_shifted_gemm(y, self._taps(y, True), self.kernel_size, apad, self.dilation)
+        how = conv_gemm.choose(y, self.in_shape[0], self.kernel_size, self.stride, self.groups, apad, adjoint=True)
+        if how != "torch":
+            return self._gemm(how, y, True, (1, 1), apad)
         w = self._param("weight", y)
         pt, pb, pl, pr = self.padding
         _, H, W = self.in_shape
@@ -322,12 +324,30 @@ class Conv2d(Operator):
         z = F.conv_transpose2d(y, w, None, self.stride, 0, self._out_pad, self.groups, self.dilation)
         return z[:, :, pt:pt + H, pl:pl + W].contiguous()
 
-    def _taps(self, like: torch.Tensor, adjoint: bool) -> torch.Tensor:
-        """Per-tap weight matrices (:func:`conv_gemm.tap_weights`) on ``like``'s device / dtype, cached."""
-        key = ("taps", adjoint, like.device, like.dtype)
+    def _gemm(self, how: str, x: torch.Tensor, adjoint: bool, stride: tuple[int, int],
+              padding: Sequence[int]) -> torch.Tensor:
+        """The convolution (``adjoint``: of the flipped, transposed kernel) by strategy ``how`` of
+        :func:`conv_gemm.strategy`."""
+        w = self._taps(x, adjoint, how)
+        if how == "cnhw":
+            return conv_gemm.conv2d_shifted_gemm(x, w, self.kernel_size, padding, self.dilation)
+        if how == "nhwc":
+            return conv_nhwc.conv2d_nhwc_shifted(x, w, self.kernel_size, padding, self.dilation)
+        return conv_nhwc.conv2d_nhwc_im2col(x, w, self.kernel_size, stride, padding, self.dilation)
+
+    def _taps(self, like: torch.Tensor, adjoint: bool, how: str = "cnhw") -> torch.Tensor:
+        """The weight in the form strategy ``how`` multiplies by, on ``like``'s device / dtype,
+        cached: per-tap matrices (:func:`conv_gemm.tap_weights`; ``"nhwc"``: transposed,
+        :func:`conv_nhwc.nhwc_taps`) or the patch matrix (:func:`conv_nhwc.patch_weight`)."""
+        key = ("taps", adjoint, how, like.device, like.dtype)
         t = self._param_cache.get(key)
         if t is None:
-            t = conv_gemm.tap_weights(self._param("weight", like), adjoint)
+            w = self._param("weight", like)
+            if how == "patch":  # the adjoint: the flipped kernel with C_in / C_out swapped
+                t = conv_nhwc.patch_weight(w.flip(2, 3).transpose(0, 1) if adjoint else w)
+            else:
+                t = conv_gemm.tap_weights(w, adjoint)
+                t = conv_nhwc.nhwc_taps(t) if how == "nhwc" else t
             self._param_cache[key] = t
         return t
 

@@ -35,7 +35,11 @@ shape and alignment, so its values are bit for bit the same whatever batch or ch
 evaluated in (as with torch's per-sample ``slow_conv2d``) — one GEMM over many images measured up
 to ~1.3× faster but rounds a row differently by its place in the GEMM.
 
-*Choice.*  :func:`use_gemm` decides by the shapes, dtype and device only — the same choice in
+*Channels-last batches* (the sweep's) are summed in their own layout instead, with no transpose
+in or out (:mod:`linop.operators.conv_nhwc`: one patch GEMM per image, any stride; NHWC shifted GEMMs
+where :data:`NHWC_SHIFT_PIXELS` asks); :func:`choose` / :func:`strategy` pick among the layouts.
+
+*Choice.*  :func:`use_gemm` decides by the shapes, dtype, memory format and device only — the same choice in
 every process, so serial and distributed studies stay bit-identical.  :data:`CONV64` (from the
 environment variable ``LINOP_CONV64 = auto | torch | gemm``, default ``auto``) switches it.
 """
@@ -52,8 +56,10 @@ try:  # torch.func's wrapped tensors (private API: without it such tensors fail 
 except ImportError:  # pragma: no cover - older / newer torch
     _is_wrapped = None
 
-__all__ = ["CONV64", "MODES", "mode", "use_gemm", "conv2d_shifted_gemm", "tap_weights", "adjoint_padding",
-           "grid", "rule", "slot", "workspace", "MIN_MACS", "MIN_PIXELS"]
+__all__ = ["CONV64", "MODES", "mode", "use_gemm", "choose", "strategy", "conv2d_shifted_gemm", "tap_weights", "adjoint_padding",
+           "grid", "rule", "slot", "workspace", "MIN_MACS", "MIN_PIXELS", "NHWC_MIN_MACS", "NHWC_SHIFT_PIXELS",
+           "NHWC_SHIFT_CHANNELS",
+           "STRATEGIES"]
 
 MODES = ("auto", "torch", "gemm")
 
@@ -80,6 +86,26 @@ MIN_MACS = 98_304
 MIN_PIXELS = 128
 
 
+#: smallest per-image, per-tap GEMM ``C·H·W·c_out`` that ``auto`` runs on channels-last input
+#: (:mod:`conv_nhwc`): measured (one thread, batch 256, the patch GEMM vs ``slow_conv2d``) 1.6–2.5×
+#: at 65,536 (16→16 @16², 32→32 @8², forward and adjoint), 0.5–1.5× at 32,768 (16→32 @8²,
+#: 8→16 @16²), 0.6–0.8× at 16,384 (16→16 @8²)
+NHWC_MIN_MACS = 65_536
+
+#: ``None``, or the image size (pixels) from which channels-last stride-1 convolutions with at least
+#: :data:`NHWC_SHIFT_CHANNELS` input channels run as NHWC shifted GEMMs instead of the patch GEMM.
+#: ``None`` (never) under ``auto``: measured (one thread, batch 256) the patch GEMM faster on every
+#: reference shape — 14.7 vs 11.9 GMAC/s for 64→64 @16², 19.7 vs 16.5 for 96→96 @8², 11.4 vs 8.5
+#: for 32→32 @32², 3.6 vs 2.9 for 3→32 @32²
+NHWC_SHIFT_PIXELS: int | None = None
+
+#: the fewest input channels for the NHWC shifted GEMMs (their inner dimension is ``C_in``)
+NHWC_SHIFT_CHANNELS = 16
+
+#: the evaluation strategies of :func:`strategy`
+STRATEGIES = ("torch", "cnhw", "nhwc", "patch")
+
+
 def mode() -> str:
     """The current :data:`CONV64` mode (validated)."""
     if CONV64 not in MODES:
@@ -100,9 +126,10 @@ def _plain(x: torch.Tensor) -> bool:
 
 def use_gemm(x: torch.Tensor, c_out: int, kernel: tuple[int, int], stride: tuple[int, int] = (1, 1),
              groups: int = 1, padding: Sequence[int] = (0, 0, 0, 0), adjoint: bool = False) -> bool:
-    """Whether the convolution of ``x`` ``(N, C, H, W)`` into ``c_out`` channels runs by
-    :func:`conv2d_shifted_gemm` — a rule of the mode, device, dtype and shapes only, so every
-    process makes the same choice for the same call.
+    """Whether the convolution of ``x`` ``(N, C, H, W)`` into ``c_out`` channels runs by a GEMM
+    strategy (:func:`choose` is not ``"torch"``) — a rule of the mode, device, dtype, layout and
+    shapes only, so every process makes the same choice for the same call.  For channels-last
+    ``x`` see :func:`strategy`; the rest of this note is the NCHW rule (:func:`conv2d_shifted_gemm`).
 
     ``padding`` is the ``(top, bottom, left, right)`` padding of the convolution actually
     evaluated; a negative entry (an adjoint whose forward padding exceeds the dilated kernel)
@@ -115,9 +142,50 @@ def use_gemm(x: torch.Tensor, c_out: int, kernel: tuple[int, int], stride: tuple
     forward's output, ``c_out`` its input channels; compared with ``F.conv_transpose2d``, whose
     col2im GEMM has ``k_h·k_w·c_out`` rows) only when ``2·c_out >= C`` — 1.1–1.8× faster there,
     0.4–0.7× for the adjoints of 3→16, 3→32, 8→32 layers, whose GEMMs here have few rows."""
+    # (_plain in choose: the GEMMs write into preallocated blocks, out= / addmm_: no autograd)
+    return choose(x, c_out, kernel, stride, groups, padding, adjoint) != "torch"
+
+
+def choose(x: torch.Tensor, c_out: int, kernel: tuple[int, int], stride: tuple[int, int] = (1, 1),
+           groups: int = 1, padding: Sequence[int] = (0, 0, 0, 0), adjoint: bool = False) -> str:
+    """The strategy (one of :data:`STRATEGIES`) that evaluates the convolution of ``x``: torch for
+    non-CPU, differentiated or wrapped tensors, else :func:`strategy` of its per-image shape,
+    dtype and layout (:func:`linop.operators.conv_nhwc.is_nhwc`)."""
+    from .conv_nhwc import is_nhwc
+
     if mode() == "torch" or x.device.type != "cpu" or not _plain(x):
-        return False  # (_plain: the GEMMs write into preallocated blocks, out= / addmm_: no autograd)
-    return rule(tuple(x.shape[1:]), c_out, kernel, stride, groups, padding, x.dtype, adjoint)
+        return "torch"
+    return strategy(tuple(x.shape[1:]), c_out, kernel, stride, groups, padding, x.dtype, adjoint, is_nhwc(x))
+
+
+def strategy(in_shape: Sequence[int], c_out: int, kernel: tuple[int, int], stride: tuple[int, int] = (1, 1),
+             groups: int = 1, padding: Sequence[int] = (0, 0, 0, 0), dtype: torch.dtype = torch.float64,
+             adjoint: bool = False, nhwc: bool = False) -> str:
+    """``"torch"``, ``"cnhw"`` (:func:`conv2d_shifted_gemm`), ``"nhwc"``
+    (:func:`~linop.operators.conv_nhwc.conv2d_nhwc_shifted`) or ``"patch"``
+    (:func:`~linop.operators.conv_nhwc.conv2d_nhwc_im2col`) for a plain CPU batch of per-image
+    shape ``in_shape = (C, H, W)``, ``dtype`` and layout (``nhwc``: unit channel stride) — a rule
+    of these only, so every process and every sub-batch makes the same choice.
+
+    NCHW input: :func:`rule` (``"cnhw"`` or torch).  Channels-last input (the sweep's): under
+    ``auto`` float64, kernels > 1×1, at least :data:`NHWC_MIN_MACS` multiply-adds ``C·H·W·c_out``
+    per image and tap, and for an adjoint (stride 1 only: a strided adjoint is not a convolution)
+    ``2·c_out >= C`` as for :func:`rule`; then ``"patch"``, or ``"nhwc"`` for stride-1
+    convolutions on images of at least :data:`NHWC_SHIFT_PIXELS` pixels (``None``: never) with
+    at least :data:`NHWC_SHIFT_CHANNELS` channels.
+    ``gemm`` mode drops the ``auto`` conditions.  Groups > 1 and negative padding keep torch."""
+    m = mode()
+    if not nhwc:
+        return "cnhw" if rule(in_shape, c_out, kernel, stride, groups, padding, dtype, adjoint) else "torch"
+    s1 = tuple(stride) == (1, 1)
+    if m == "torch" or groups != 1 or min(padding) < 0 or (adjoint and not s1):
+        return "torch"
+    C, H, W = in_shape
+    if m == "auto" and (dtype != torch.float64 or kernel[0] * kernel[1] == 1 or (adjoint and 2 * c_out < C)
+                        or C * H * W * c_out < NHWC_MIN_MACS):
+        return "torch"
+    px = NHWC_SHIFT_PIXELS
+    return "nhwc" if s1 and px is not None and H * W >= px and C >= NHWC_SHIFT_CHANNELS else "patch"
 
 
 def rule(in_shape: Sequence[int], c_out: int, kernel: tuple[int, int], stride: tuple[int, int] = (1, 1),
