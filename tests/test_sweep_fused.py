@@ -233,8 +233,9 @@ def test_plain_avg_pool_equals_the_operator(dtype):
 
     eps = float(torch.finfo(dtype).eps)
     g = torch.Generator().manual_seed(6)
-    for shape, k in (((4, 8, 8), 2), ((3, 9, 7), (3, 2))):
-        op = AvgPool2d(shape, k)
+    for shape, k, st in (((4, 8, 8), 2, None), ((3, 9, 7), (3, 2), None), ((4, 8, 8), 1, 2),
+                         ((3, 9, 7), 3, 1)):  # whole windows: disjoint, the ResNet shortcut, overlapping
+        op = AvgPool2d(shape, k, stride=st)
         assert op.whole_windows
         for x in (torch.randn((5,) + shape, generator=g, dtype=torch.float64).to(dtype),):
             for xx in (x, _cl(x)):
@@ -244,5 +245,32 @@ def test_plain_avg_pool_equals_the_operator(dtype):
                 bound = 2 * kk * eps * torch.nn.functional.avg_pool2d(xx.abs(), op.kernel_size, op.stride)
                 assert got.shape == ref.shape and bool(((got - ref).abs() <= bound).all())
     for op in (AvgPool2d((2, 6, 6), 2, padding=1), AvgPool2d((2, 7, 7), 2, ceil_mode=True),
-               AvgPool2d((2, 6, 6), 3, stride=1), AvgPool2d((2, 6, 6), 2, divisor_override=3)):
+               AvgPool2d((2, 6, 6), 2, divisor_override=3)):
         assert not op.whole_windows
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_disjoint_avg_pool_adjoint_is_the_transposed_conv_bit_for_bit(dtype):
+    """With non-overlapping whole windows every input entry receives at most one term of the
+    transposed ones-kernel conv — ``y/divisor`` itself (times 1) — so the strided copy equals it
+    bit for bit, in either layout; overlapping or padded pools keep the conv."""
+    from linop.operators import AvgPool2d
+
+    g = torch.Generator().manual_seed(7)
+    for shape, k, st in (((4, 8, 8), 1, 2), ((3, 9, 7), 2, None), ((2, 11, 10), (2, 3), (3, 4)), ((3, 6, 6), 1, 1)):
+        op = AvgPool2d(shape, k, stride=st)
+        assert op.disjoint_windows
+        y = torch.randn((5,) + op.out_shape, generator=g, dtype=torch.float64).to(dtype)
+        for yy in (y, _cl(y)):
+            ref = op._conv._apply_adjoint(yy / op._param("divisor", yy))
+            got = op._apply_adjoint(yy)
+            assert got.shape == ref.shape and torch.equal(got, ref)
+            assert got.is_contiguous(memory_format=torch.channels_last) == (yy is not y)
+        x = torch.randn((3,) + shape, generator=g, dtype=torch.float64)
+        yd = torch.randn((3,) + op.out_shape, generator=g, dtype=torch.float64)
+        # the adjoint identity <A x, y> = <x, Aᵀ y> on the new path (float64: sums of a few
+        # hundred products, agreement to 1e-12 relative)
+        lhs, rhs = float((op._apply(x) * yd).sum()), float((x * op._apply_adjoint(yd)).sum())
+        assert abs(lhs - rhs) <= 1e-12 * max(1.0, abs(lhs))
+    assert not AvgPool2d((2, 6, 6), 3, stride=1).disjoint_windows
+    assert not AvgPool2d((2, 6, 6), 2, padding=1).disjoint_windows

@@ -70,8 +70,10 @@ class AvgPool2d(Operator):
     Implemented as a depthwise :class:`~linop.operators.conv.Conv2d` with a kernel of ones
     followed by a per-position division, so the explicit matrix stores exactly the
     in-bounds taps, each with value ``1 / divisor(oh, ow)``.  Whole-window pools
-    (:attr:`whole_windows`) evaluate the torch forward with ``F.avg_pool2d`` instead: the same
-    window sums up to their order, divided by ``k_h·k_w``.
+    (:attr:`whole_windows`: no padding, floor mode) evaluate the torch forward with
+    ``F.avg_pool2d`` instead: the same window sums up to their order, divided by ``k_h·k_w``;
+    with non-overlapping windows (:attr:`disjoint_windows`) the adjoint is a strided copy of
+    ``y / (k_h·k_w)`` into the windows — the transposed conv's single term per entry.
     """
 
     pinv_by_pattern = True  # a window-1 pool selects (and a general one is checked, not assumed)
@@ -116,9 +118,13 @@ class AvgPool2d(Operator):
         self._conv = Conv2d(ones, (C, H, W), stride=s, padding=(p[0], p[0] + ex_h, p[1], p[1] + ex_w), groups=C)
         assert self._conv.out_shape == (C, Ho, Wo)
         self.divisor = torch.from_numpy(self._divisors(H, W, Ho, Wo)).reshape(1, 1, Ho, Wo)
-        #: stride = kernel, no padding, floor mode, no divisor override: every window whole, its
-        #: divisor k_h·k_w — torch's pooling kernel evaluates the same map (the ResNet shortcuts)
-        self.whole_windows = s == k and p == (0, 0) and not self.ceil_mode and divisor_override is None
+        #: no padding, floor mode, no divisor override: every window lies inside the input, its
+        #: divisor k_h·k_w — torch's pooling kernel evaluates the same map, at any stride (the
+        #: ResNet shortcuts AvgPool2d(1, 2); a float64 ones-kernel depthwise conv runs per channel)
+        self.whole_windows = p == (0, 0) and not self.ceil_mode and divisor_override is None
+        #: whole windows that do not overlap (stride >= kernel): every input entry lies in at most
+        #: one window, so the adjoint copies ``y / (k_h·k_w)`` into the windows (no sums at all)
+        self.disjoint_windows = self.whole_windows and s[0] >= k[0] and s[1] >= k[1]
         super().__init__((C, H, W), (C, Ho, Wo), dtype=numpy_dtype(dtype))
 
     def _divisors(self, H: int, W: int, Ho: int, Wo: int) -> np.ndarray:
@@ -144,7 +150,20 @@ class AvgPool2d(Operator):
         return self._conv._apply(x) / self._param("divisor", x)
 
     def _apply_adjoint(self, y):
-        return self._conv._apply_adjoint(y / self._param("divisor", y))
+        yd = y / self._param("divisor", y)
+        if self.disjoint_windows:
+            # the transposed ones-kernel conv adds one term per input entry: the copy of y/divisor
+            # into each of its window's k_h·k_w offsets, the rest zero (bit for bit the same)
+            (kh, kw), (sh, sw), (_, Ho, Wo) = self.kernel_size, self.stride, self.out_shape
+            fmt = torch.channels_last if y.dim() == 4 and not y.is_contiguous() \
+                and y.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+            out = torch.empty((y.shape[0],) + tuple(self.in_shape), dtype=yd.dtype, device=yd.device,
+                              memory_format=fmt).zero_()
+            for a in range(kh):  # (loops over the kernel's taps, not over pixels)
+                for b in range(kw):
+                    out[:, :, a:a + sh * (Ho - 1) + 1:sh, b:b + sw * (Wo - 1) + 1:sw] = yd
+            return out
+        return self._conv._apply_adjoint(yd)
 
     def _coo(self):
         rows, cols, vals = self._conv._coo()
