@@ -224,29 +224,33 @@ def test_transient_sweep_in_place_slopes_equal_plain(res, which, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_plain_avg_pool_equals_the_operator(dtype):
-    """Whole-window average pools (the ResNet shortcuts) pool with torch's kernel: the operator's
-    own values (a ones-kernel depthwise conv, then the divisor) up to the order of each window's
-    k_h·k_w-term sum — within 2·k_h·k_w·ε of the window mean of |x| (each sum within
-    (k_h·k_w - 1)·ε·Σ|x_i| of the exact one, the division exact to ½ ulp); pools with padding,
-    ceil mode or overlapping windows keep the operator's path."""
+    """Average pools evaluate with torch's pooling kernel: the operator's own values (a ones-kernel
+    depthwise conv, then the per-window divisor) up to the order of each window's sum — within
+    2·k_h·k_w·ε of the window mean of |x| (each sum within (k_h·k_w - 1)·ε·Σ|x_i| of the exact
+    one, the division exact to ½ ulp) — for every configuration: whole windows (the ResNet
+    shortcut, overlapping), padding with and without counting it (VGG7's 3×3 / 2 / 1), ceil mode,
+    a divisor override."""
     from linop.operators import AvgPool2d
 
     eps = float(torch.finfo(dtype).eps)
     g = torch.Generator().manual_seed(6)
-    for shape, k, st in (((4, 8, 8), 2, None), ((3, 9, 7), (3, 2), None), ((4, 8, 8), 1, 2),
-                         ((3, 9, 7), 3, 1)):  # whole windows: disjoint, the ResNet shortcut, overlapping
-        op = AvgPool2d(shape, k, stride=st)
-        assert op.whole_windows
-        for x in (torch.randn((5,) + shape, generator=g, dtype=torch.float64).to(dtype),):
-            for xx in (x, _cl(x)):
-                # the ones-kernel depthwise conv and the divisor: the operator's general path
-                ref, got = op._conv._apply(xx) / op._param("divisor", xx), apply_parts(op, [xx])
-                kk = int(np.prod(op.kernel_size))
-                bound = 2 * kk * eps * torch.nn.functional.avg_pool2d(xx.abs(), op.kernel_size, op.stride)
-                assert got.shape == ref.shape and bool(((got - ref).abs() <= bound).all())
-    for op in (AvgPool2d((2, 6, 6), 2, padding=1), AvgPool2d((2, 7, 7), 2, ceil_mode=True),
-               AvgPool2d((2, 6, 6), 2, divisor_override=3)):
-        assert not op.whole_windows
+    cases = (((4, 8, 8), dict(kernel_size=2)), ((3, 9, 7), dict(kernel_size=(3, 2))),
+             ((4, 8, 8), dict(kernel_size=1, stride=2)), ((3, 9, 7), dict(kernel_size=3, stride=1)),
+             ((4, 8, 8), dict(kernel_size=3, stride=2, padding=1)),
+             ((3, 9, 7), dict(kernel_size=3, stride=2, padding=1, count_include_pad=False)),
+             ((2, 7, 7), dict(kernel_size=2, ceil_mode=True)),
+             ((2, 9, 9), dict(kernel_size=3, stride=2, ceil_mode=True, count_include_pad=False)),
+             ((2, 6, 6), dict(kernel_size=2, divisor_override=3)))
+    for shape, kw in cases:
+        op = AvgPool2d(shape, **kw)
+        x = torch.randn((5,) + shape, generator=g, dtype=torch.float64).to(dtype)
+        for xx in (x, _cl(x)):
+            # the ones-kernel depthwise conv and the divisor: the operator's sparse form's map
+            ref, got = op._conv._apply(xx) / op._param("divisor", xx), apply_parts(op, [xx])
+            kk = int(np.prod(op.kernel_size))
+            mean_abs = op._conv._apply(xx.abs()) / op._param("divisor", xx)
+            bound = 2 * kk * eps * mean_abs + torch.finfo(dtype).tiny
+            assert got.shape == ref.shape and bool(((got - ref).abs() <= bound).all()), kw
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
