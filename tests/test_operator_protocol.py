@@ -227,9 +227,8 @@ def test_block_row_with_the_old_apply_parts_signature_still_runs_chunked():
 ENGINE = Path(inspect.getfile(tangents)).parent
 #: operator classes an engine module may name, and why: it builds one (not a type test)
 ALLOWED = {"Operator", "GraphOperator"}
-#: known, reported op-type branches outside this task's files: the memory plan's conv workspace
-#: (``schedule.conv_workspace`` tests ``isinstance(op, Conv2d)``; engineer F's file)
-KNOWN = {("schedule.py", "Conv2d")}
+#: no known exceptions: the memory plan asks the operator too (Operator.sweep_workspace)
+KNOWN: set = set()
 
 
 def _operator_classes() -> set[str]:
@@ -307,3 +306,20 @@ def test_reverse_step_uses_what_the_operator_declares():
     assert AvgPool2d((1, 4, 4), 2).average_windows() == ((2, 2), (2, 2), (0, 0))
     assert AvgPool2d((1, 5, 5), 2, ceil_mode=True).average_windows() is None
     assert Identity((4,)).average_windows() is None
+
+
+def test_memory_plan_asks_the_operator_for_its_workspace():
+    """``schedule.conv_workspace`` is the operator's own ``sweep_workspace`` (a user's operator
+    declares its temporaries; the default is 0), never a test of the operator's class."""
+    from linop.linearize import schedule
+    from linop.operators.conv import Conv2d
+
+    class Scratchy(Scale):
+        def sweep_workspace(self, itemsize, channels_last):
+            return 7 * itemsize + int(channels_last)
+
+    assert schedule.conv_workspace(Scratchy(1.0, (2, 3, 3)), 8) == 57
+    assert schedule.conv_workspace(Scale(1.0, (2, 3, 3)), 8) == 0
+    assert schedule.conv_workspace(None, 8) == 0
+    conv = Conv2d(torch.randn(8, 4, 3, 3, dtype=torch.float64), (4, 16, 16), padding=1)
+    assert schedule.conv_workspace(conv, 8) == conv.sweep_workspace(8, bool(tangents.CHANNELS_LAST)) > 0

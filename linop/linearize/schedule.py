@@ -213,44 +213,14 @@ def recolour_walk(nodes: Sequence[Node], period: dict[str, Period]) -> list[list
 
 
 def conv_workspace(op: Any, itemsize: int) -> int:
-    """Elements of a convolution ``op``'s own workspace per tangent (0 for other ops).
-
-    CPU float64 convolutions that :func:`linop.operators.conv_gemm.strategy` sends to a GEMM
-    strategy (for the layout the sweep uses, :data:`linop.linearize.tangents.CHANNELS_LAST`):
-
-    * ``"cnhw"`` / ``"nhwc"`` (shifted GEMMs, stride 1): the padded input and the output grid,
-      ``(C_in + C_out)·G`` per tangent (``G`` the padded image slot of
-      :func:`~linop.operators.conv_gemm.slot`; the result is a view of the grid);
-    * ``"patch"`` (channels-last, small images or stride > 1): the padded NHWC copy and the
-      output, ``C_in·(H + t + b)·(W + l + r) + C_out·H_out·W_out`` per tangent (its one patch
-      matrix ``H_out·W_out·k_h·k_w·C_in`` is per batch, not per tangent).
-
-    Other float64 convolutions (and any dtype without oneDNN) run torch's ``slow_conv2d``: an
-    im2col column buffer of ``C_in·k_h·k_w·H_out·W_out`` elements per batch entry for the whole
-    batch before the GEMMs (measured: a float64 3×3 conv of a 32 MB batch grows the RSS by
-    9 × 32 MB + the output).  oneDNN (float32 on the CPU) works without columns; its layout
-    reorders are covered by the generic one-input-one-output temporaries of :func:`memory_plan`."""
-    from ..operators import conv_gemm, conv_nhwc
-    from ..operators.conv import Conv2d
+    """Elements per tangent of the workspace ``op``'s own torch path allocates in the sweep,
+    beyond its input and output: the operator's :meth:`~linop.operators.base.Operator.sweep_workspace`
+    for the sweep's layout (:data:`linop.linearize.tangents.CHANNELS_LAST`); 0 without an
+    operator.  (A convolution's column buffers / GEMM workspace; no operator type is tested here.)"""
     from . import tangents
 
-    if not isinstance(op, Conv2d):
-        return 0
-    import torch
-
-    if itemsize == 4 and torch.backends.mkldnn.is_available():
-        return 0
-    C, H, W = (int(v) for v in op.in_shape)
-    c_out, Ho, Wo = (int(v) for v in op.out_shape)
-    nhwc = bool(tangents.CHANNELS_LAST) and C > 1 and H * W > 1  # conv_nhwc.is_nhwc of the sweep's batches
-    how = conv_gemm.strategy((C, H, W), c_out, op.kernel_size, op.stride, op.groups, op.padding,
-                             torch.float64 if itemsize == 8 else torch.float32, nhwc=nhwc)
-    if how in ("cnhw", "nhwc"):
-        return conv_gemm.workspace(C, c_out, H, W, op.padding, op.kernel_size, op.dilation)
-    if how == "patch":
-        return conv_nhwc.im2col_workspace(C, c_out, H, W, op.padding, Ho, Wo)
-    kh, kw = op.kernel_size
-    return int(op.weight.shape[1]) * int(op.groups) * kh * kw * Ho * Wo
+    ws = getattr(op, "sweep_workspace", None)
+    return 0 if ws is None else int(ws(itemsize, bool(tangents.CHANNELS_LAST)))
 
 
 def memory_plan(nodes: Sequence[Node], period: dict[str, Period], new_cols: dict[str, np.ndarray], n_bias: int,

@@ -190,6 +190,14 @@ class Operator(spla.LinearOperator):
         """
         return False
 
+    def sweep_workspace(self, itemsize: int, channels_last: bool) -> int:
+        """Elements per batch entry of the temporary workspace that the torch path allocates
+        beyond its input and its output, for data of ``itemsize`` bytes in the sweep's layout
+        (``channels_last``: 4-D batches channels-last) — a term of the sweep's memory plan
+        (:func:`linop.linearize.schedule.memory_plan`).  The default, 0, suits every operator
+        whose torch path makes no large temporaries (a convolution's column buffers: override)."""
+        return 0
+
     def _applies_as(self, cls: type) -> bool:
         """Whether this operator evaluates by ``cls._apply`` (no subclass overrides it): only then
         is a fast path that ``cls`` defines an evaluation strategy of this operator's own map."""

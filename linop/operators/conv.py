@@ -335,6 +335,37 @@ class Conv2d(Operator):
             return conv_nhwc.conv2d_nhwc_shifted(x, w, self.kernel_size, padding, self.dilation)
         return conv_nhwc.conv2d_nhwc_im2col(x, w, self.kernel_size, stride, padding, self.dilation)
 
+    def sweep_workspace(self, itemsize: int, channels_last: bool) -> int:
+        """Elements per tangent of this convolution's workspace (the memory plan's term).
+
+        CPU float64 convolutions that :func:`conv_gemm.strategy` sends to a GEMM strategy:
+
+        * ``"cnhw"`` / ``"nhwc"`` (shifted GEMMs, stride 1): the padded input and the output grid,
+          ``(C_in + C_out)·G`` per tangent (``G`` the padded image slot of
+          :func:`conv_gemm.slot`; the result is a view of the grid);
+        * ``"patch"`` (channels-last): the padded NHWC copy and the output,
+          ``C_in·(H + t + b)·(W + l + r) + C_out·H_out·W_out`` per tangent (its one patch matrix
+          ``H_out·W_out·k_h·k_w·C_in`` is per batch, not per tangent).
+
+        Other float64 convolutions (and any dtype without oneDNN) run torch's ``slow_conv2d``: an
+        im2col column buffer of ``C_in·k_h·k_w·H_out·W_out`` elements per batch entry for the
+        whole batch (measured: a float64 3×3 conv of a 32 MB batch grows the RSS by 9 × 32 MB +
+        the output).  oneDNN (float32 on the CPU) works without columns (0); its layout reorders
+        are covered by the memory plan's generic one-input-one-output temporaries."""
+        if itemsize == 4 and torch.backends.mkldnn.is_available():
+            return 0
+        C, H, W = (int(v) for v in self.in_shape)
+        c_out, Ho, Wo = (int(v) for v in self.out_shape)
+        nhwc = bool(channels_last) and C > 1 and H * W > 1  # conv_nhwc.is_nhwc of such batches
+        how = conv_gemm.strategy((C, H, W), c_out, self.kernel_size, self.stride, self.groups, self.padding,
+                                 torch.float64 if itemsize == 8 else torch.float32, nhwc=nhwc)
+        if how in ("cnhw", "nhwc"):
+            return conv_gemm.workspace(C, c_out, H, W, self.padding, self.kernel_size, self.dilation)
+        if how == "patch":
+            return conv_nhwc.im2col_workspace(C, c_out, H, W, self.padding, Ho, Wo)
+        kh, kw = self.kernel_size
+        return int(self.weight.shape[1]) * int(self.groups) * kh * kw * Ho * Wo
+
     def _taps(self, like: torch.Tensor, adjoint: bool, how: str = "cnhw") -> torch.Tensor:
         """The weight in the form strategy ``how`` multiplies by, on ``like``'s device / dtype,
         cached: per-tap matrices (:func:`conv_gemm.tap_weights`; ``"nhwc"``: transposed,
