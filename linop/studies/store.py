@@ -27,6 +27,7 @@ import json
 import os
 import tempfile
 import types
+import zipfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -194,11 +195,22 @@ def write_json(path: str | os.PathLike, obj: Any, sort_keys: bool = False) -> Pa
 
 
 # ============================================================================ caches
+#: zlib level of the ``.npz`` caches: 1 deflates a verification's per-image file ~3× faster than
+#: numpy's default (6) for ~7 % more bytes (measured on a VGG7 file: 2.9 vs 8.8 ms, 65 vs 61 kB) —
+#: the file is written by the study's driver, which shares the cores with the workers
+NPZ_LEVEL = 1
+
+
 def save_npz(path: str | os.PathLike, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> Path:
     """Atomically write a compressed ``.npz`` of ``arrays`` plus ``meta`` (JSON, under the
-    name ``meta``; it carries the cache ``key`` :func:`npz_has` checks)."""
+    name ``meta``; it carries the cache ``key`` :func:`npz_has` checks) — the format of
+    ``np.savez_compressed`` (``np.load`` reads it), deflated at :data:`NPZ_LEVEL`."""
     buf = io.BytesIO()
-    np.savez_compressed(buf, meta=np.array(json.dumps(jsonable(meta))), **arrays)
+    items = {"meta": np.array(json.dumps(jsonable(meta))), **arrays}
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=NPZ_LEVEL) as zf:
+        for name, value in items.items():
+            with zf.open(f"{name}.npy", "w", force_zip64=True) as fh:
+                np.lib.format.write_array(fh, np.asanyarray(value), allow_pickle=False)
     return atomic_write_bytes(path, buf.getvalue())
 
 
