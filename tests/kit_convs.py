@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from linop.operators.conv import Conv2d
 
-__all__ = ["conv_geometries", "conv_from"]
+__all__ = ["conv_geometries", "conv_from", "rows"]
 
 
 @st.composite
@@ -49,3 +49,8 @@ def conv_from(c: dict) -> tuple[torch.Tensor, Conv2d]:
     except ValueError:
         assume(False)
     return w, op
+
+
+def rows(x, n: int) -> np.ndarray:
+    """``x`` (a tensor or array of ``n`` samples) as an ``(n, -1)`` numpy array of its rows."""
+    return np.asarray(torch.as_tensor(x)).reshape(n, -1)

@@ -15,11 +15,9 @@ from test_fft_padded import dense
 from linop.operators.conv import Conv2d
 from linop.solvers import CapacitanceSolver, solve
 
+from kit_convs import rows  # test kit
+
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny problems: threads only add contention
-
-
-def _rows(x, n):
-    return np.asarray(torch.as_tensor(x)).reshape(n, -1)
 
 
 @st.composite
@@ -56,15 +54,15 @@ def test_direct_form_equals_dense_pinv_and_the_correction_form(c):
     cs = CapacitanceSolver(w, op.in_shape)
     assume(cs.ccp_direct)  # certified (a near-singular frequency goes to the Tikhonov path instead)
     n = a_hat.shape[0]
-    t = _rows(z_star - b[:, None, None], n)
+    t = rows(z_star - b[:, None, None], n)
     ref = t @ pinv.T  # W⁺ t: the unique least-squares point
     res = solve(op, z_star, a_hat, b=b, method="fft-exact", capacitance_solver=cs)
     assert res.info["form"].startswith("direct")
-    a = _rows(res.a, n)
+    a = rows(res.a, n)
     assert np.max(np.linalg.norm(a - ref, axis=1) / np.linalg.norm(ref, axis=1)) <= 1e-12
     r = (z_star - b[:, None, None]) - op.apply(a_hat)  # the correction form â + W⁺ r
     d, _ = cs.solve(r)
-    a_corr = _rows(a_hat + d, n)
+    a_corr = rows(a_hat + d, n)
     assert np.max(np.linalg.norm(a - a_corr, axis=1) / np.linalg.norm(ref, axis=1)) <= 1e-12
     # â plays no part in the direct form: another â gives the same bits
     other = solve(op, z_star, torch.zeros_like(a_hat), b=b, method="fft-exact", capacitance_solver=cs)
@@ -84,7 +82,7 @@ def test_certified_on_a_well_conditioned_layer_and_equal_to_the_padded_solver():
     es = ExactConvSolver(op)
     assert es.ccp_direct
     pad = solve(op, z_star, a_hat, b=b, method="fft-exact", padded_solver=es)
-    a, ap = _rows(res.a, 3), _rows(pad.a, 3)
+    a, ap = rows(res.a, 3), rows(pad.a, 3)
     assert np.max(np.linalg.norm(a - ap, axis=1) / np.linalg.norm(ap, axis=1)) <= 1e-12
 
 
@@ -97,9 +95,9 @@ def test_one_by_one_kernel_is_direct():
     A, pinv, rank, _ = dense(op)
     assert rank == A.shape[1]
     res = solve(op, z_star, a_hat, b=b, method="fft-exact", capacitance_solver=cs)
-    ref = _rows(z_star - b[:, None, None], 3) @ pinv.T
+    ref = rows(z_star - b[:, None, None], 3) @ pinv.T
     assert res.info["form"].startswith("direct")
-    assert np.max(np.linalg.norm(_rows(res.a, 3) - ref, axis=1) / np.linalg.norm(ref, axis=1)) <= 1e-12
+    assert np.max(np.linalg.norm(rows(res.a, 3) - ref, axis=1) / np.linalg.norm(ref, axis=1)) <= 1e-12
 
 
 @pytest.mark.parametrize("cin,cout,H,W,k,zero_mean", [(4, 2, 7, 9, 3, False),   # MDP: W has a null space

@@ -20,9 +20,7 @@ from linop.solvers import solve
 from linop.solvers.fft_padded import ExactConvSolver, PaddedConvSolver
 from linop.solvers.result import CHUNK_BYTES, prepare
 
-
-def _rows(x, n):
-    return np.asarray(torch.as_tensor(x)).reshape(n, -1)
+from kit_convs import rows  # test kit
 
 
 @st.composite
@@ -70,18 +68,18 @@ def test_direct_ccp_form_equals_dense_pinv_and_the_correction_form(c):
     es = ExactConvSolver(op)
     assume(es.ccp_direct)  # certified (a near-singular frequency goes to the Tikhonov path instead)
     n = a_hat.shape[0]
-    t = _rows(z_star - b[:, None, None], n)
+    t = rows(z_star - b[:, None, None], n)
     ref = t @ pinv.T  # W⁺ t: the unique least-squares point
     res = solve(op, z_star, a_hat, b=b, method="fft-exact", padded_solver=es)
     assert res.info["form"].startswith("direct")
-    a = _rows(res.a, n)
+    a = rows(res.a, n)
     assert np.max(np.linalg.norm(a - ref, axis=1) / np.linalg.norm(ref, axis=1)) <= 1e-12
-    corr = np.linalg.norm(ref - _rows(a_hat, n), axis=1)
+    corr = np.linalg.norm(ref - rows(a_hat, n), axis=1)
     assert np.max(np.linalg.norm(a - ref, axis=1) / corr) <= 1e-10
     # the correction form â + W⁺(t − W â) is the same point (W⁺W = I)
     r = (z_star - b[:, None, None]) - op.apply(a_hat)
     d, _ = es.solve(r)
-    a_corr = _rows(a_hat + d, n)
+    a_corr = rows(a_hat + d, n)
     assert np.max(np.linalg.norm(a - a_corr, axis=1) / np.linalg.norm(ref, axis=1)) <= 1e-12
     # CCP normal equations Wᵀ(W a − t) = 0, relative to ‖Wᵀ t‖ (cond(W)·eps·‖W‖‖a‖ scale): 1e-10
     e = A @ a.T - t.T
@@ -102,10 +100,10 @@ def test_direct_form_on_the_benchmark_conv0_geometry():
     assert rank == A.shape[1] and cond < 100
     res = solve(op, z_star, a_hat, b=b, method="fft-exact")
     assert res.method == "fft-exact" and res.info["form"].startswith("direct")
-    ref = _rows(z_star - b[:, None, None], 5) @ pinv.T
-    a = _rows(res.a, 5)
+    ref = rows(z_star - b[:, None, None], 5) @ pinv.T
+    a = rows(res.a, 5)
     assert np.max(np.linalg.norm(a - ref, axis=1) / np.linalg.norm(ref, axis=1)) <= 1e-12
-    assert np.max(np.linalg.norm(a - ref, axis=1) / np.linalg.norm(ref - _rows(a_hat, 5), axis=1)) <= 1e-10
+    assert np.max(np.linalg.norm(a - ref, axis=1) / np.linalg.norm(ref - rows(a_hat, 5), axis=1)) <= 1e-10
 
 
 def test_rank_deficient_ccp_keeps_the_correction_and_a_hat():
@@ -124,9 +122,9 @@ def test_rank_deficient_ccp_keeps_the_correction_and_a_hat():
     unread[::2, ::2] = False
     assert torch.equal(res.a[:, :, unread], a_hat[:, :, unread])
     _, pinv, _, _ = dense(op)
-    r = _rows(z_star - op.apply(a_hat), 3)
-    ref = _rows(a_hat, 3) + r @ pinv.T
-    assert np.max(np.linalg.norm(_rows(res.a, 3) - ref, axis=1) / np.linalg.norm(r @ pinv.T, axis=1)) <= 1e-10
+    r = rows(z_star - op.apply(a_hat), 3)
+    ref = rows(a_hat, 3) + r @ pinv.T
+    assert np.max(np.linalg.norm(rows(res.a, 3) - ref, axis=1) / np.linalg.norm(r @ pinv.T, axis=1)) <= 1e-10
 
 
 def test_mdp_and_square_layers_keep_the_correction_form():
@@ -221,8 +219,8 @@ def test_one_by_one_unpadded_conv_has_no_boundary(cout, cin):
     z_star = torch.tensor(rng.standard_normal((2,) + op.out_shape))
     res = solve(op, z_star, a_hat, method="fft-exact")
     _, pinv, _, _ = dense(op)
-    corr = _rows(z_star - op.apply(a_hat), 2) @ pinv.T
-    err = np.linalg.norm(_rows(res.a, 2) - (_rows(a_hat, 2) + corr), axis=1) / np.linalg.norm(corr, axis=1)
+    corr = rows(z_star - op.apply(a_hat), 2) @ pinv.T
+    err = np.linalg.norm(rows(res.a, 2) - (rows(a_hat, 2) + corr), axis=1) / np.linalg.norm(corr, axis=1)
     assert res.info["capacitance_size"] == 0 and np.max(err) <= 1e-12
 
 
