@@ -57,7 +57,7 @@ except ImportError:  # pragma: no cover - older / newer torch
     _is_wrapped = None
 
 __all__ = ["CONV64", "MODES", "mode", "use_gemm", "choose", "strategy", "conv2d_shifted_gemm", "tap_weights", "adjoint_padding",
-           "grid", "rule", "slot", "workspace", "MIN_MACS", "MIN_PIXELS", "NHWC_MIN_MACS", "NHWC_SHIFT_PIXELS",
+           "grid", "rule", "shift_plan", "slot", "workspace", "MIN_MACS", "MIN_PIXELS", "NHWC_MIN_MACS", "NHWC_SHIFT_PIXELS",
            "NHWC_SHIFT_CHANNELS",
            "STRATEGIES"]
 
@@ -220,6 +220,19 @@ def slot(Sh: int, Sw: int) -> int:
     return -(-Sh * Sw // 8) * 8
 
 
+def shift_plan(H: int, W: int, padding: Sequence[int], kernel: tuple[int, int], dilation: tuple[int, int]
+               ) -> tuple[int, int, int, int, int, int, list[int], int]:
+    """``(S_h, S_w, H_out, W_out, G, M, offs, tail)`` of the shifted GEMMs (either layout): the
+    grid (:func:`grid`), the slot ``G`` per image (:func:`slot`), ``M`` grid positions up to an
+    image's last valid output, the tap offsets ``o_ab = d_h·a·S_w + d_w·b`` in tap order and the
+    ``tail`` of zero positions after the last image's slot that its reads reach."""
+    Sh, Sw, Ho, Wo = grid(H, W, padding, kernel, dilation)
+    G = slot(Sh, Sw)
+    M = (Ho - 1) * Sw + Wo
+    offs = [dilation[0] * a * Sw + dilation[1] * b for a in range(kernel[0]) for b in range(kernel[1])]
+    return Sh, Sw, Ho, Wo, G, M, offs, max(0, M + offs[-1] - G)
+
+
 def workspace(c_in: int, c_out: int, H: int, W: int, padding: Sequence[int], kernel: tuple[int, int],
               dilation: tuple[int, int]) -> int:
     """Elements per batch entry that the path allocates: ``(C_in + C_out)·G``, ``G`` =
@@ -275,11 +288,8 @@ def conv2d_shifted_gemm(x: torch.Tensor, taps: torch.Tensor, kernel: tuple[int, 
         raise ValueError(f"conv2d_shifted_gemm: taps {tuple(taps.shape)} do not match x {tuple(x.shape)} "
                          f"and kernel {kernel}")
     pt, _, pl, _ = padding
-    Sh, Sw, Ho, Wo = grid(H, W, padding, kernel, dilation)
-    G = slot(Sh, Sw)
-    M = (Ho - 1) * Sw + Wo  # grid positions up to the last valid output of an image
-    offs = [dilation[0] * a * Sw + dilation[1] * b for a in range(kernel[0]) for b in range(kernel[1])]
-    xp = x.new_zeros((C, N * G + max(0, M + offs[-1] - G)))  # the tail: the last image's reads
+    Sh, Sw, Ho, Wo, G, M, offs, tail = shift_plan(H, W, padding, kernel, dilation)
+    xp = x.new_zeros((C, N * G + tail))
     xp[:, :N * G].view(C, N, G)[:, :, :Sh * Sw].view(C, N, Sh, Sw)[:, :, pt:pt + H, pl:pl + W].copy_(
         x.permute(1, 0, 2, 3))
     out = x.new_empty((Co, N * G))

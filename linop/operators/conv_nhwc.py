@@ -45,7 +45,8 @@ from typing import Sequence
 
 import torch
 
-from .conv_gemm import grid, slot
+# workspace: the NHWC shifted GEMMs use the CNHW path's buffers transposed, (C_in + C_out)·G per entry
+from .conv_gemm import shift_plan, workspace
 
 #: the patch GEMM of an image with at least this many output pixels and :data:`T_MIN_CHANNELS`
 #: input channels runs transposed, ``Y_nᵀ = Wᵀ Pᵀ`` into a ``C_out × H_out·W_out`` scratch that is
@@ -78,15 +79,6 @@ def patch_weight(weight: torch.Tensor) -> torch.Tensor:
     """``(k_h·k_w·C_in, C_out)`` with rows in patch order ``(a, b, c)``: ``W[o, c, a, b]``."""
     co, ci, kh, kw = weight.shape
     return weight.permute(2, 3, 1, 0).reshape(kh * kw * ci, co).contiguous()
-
-
-def workspace(c_in: int, c_out: int, H: int, W: int, padding: Sequence[int], kernel: tuple[int, int],
-              dilation: tuple[int, int]) -> int:
-    """Elements per batch entry of :func:`conv2d_nhwc_shifted`: ``(C_in + C_out)·G`` (the padded
-    rows and the output grid, of which the result is a view) — plus, once per batch, a tail of
-    at most ``d_h(k_h-1)·S_w + d_w(k_w-1)`` rows of ``C_in`` (not counted)."""
-    Sh, Sw, _, _ = grid(H, W, padding, kernel, dilation)
-    return (c_in + c_out) * slot(Sh, Sw)
 
 
 def im2col_workspace(c_in: int, c_out: int, H: int, W: int, padding: Sequence[int], H_out: int, W_out: int) -> int:
@@ -122,11 +114,8 @@ def conv2d_nhwc_shifted(x: torch.Tensor, taps_t: torch.Tensor, kernel: tuple[int
         raise ValueError(f"conv2d_nhwc_shifted: taps_t {tuple(taps_t.shape)} do not match x {tuple(x.shape)} "
                          f"and kernel {kernel}")
     pt, _, pl, _ = padding
-    Sh, Sw, Ho, Wo = grid(H, W, padding, kernel, dilation)
-    G = slot(Sh, Sw)
-    M = (Ho - 1) * Sw + Wo
-    offs = [dilation[0] * a * Sw + dilation[1] * b for a in range(kernel[0]) for b in range(kernel[1])]
-    buf = x.new_zeros((N * G + max(0, M + offs[-1] - G), C))
+    Sh, Sw, Ho, Wo, G, M, offs, tail = shift_plan(H, W, padding, kernel, dilation)
+    buf = x.new_zeros((N * G + tail, C))
     buf[:N * G].view(N, G, C)[:, :Sh * Sw].view(N, Sh, Sw, C)[:, pt:pt + H, pl:pl + W].copy_(x.permute(0, 2, 3, 1))
     out = x.new_empty((N * G, Co))
     # one GEMM per image and tap, all of one shape and 64-byte alignment (batch invariance)
