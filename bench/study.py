@@ -209,9 +209,9 @@ def _child_dask(spec: dict, out: dict, verify_mod: Any, net: Any, x_test: Any, k
             out.update(warmup_s=time.perf_counter() - t, warmup_rounds=rnd + 1,
                        workers_warm=f"{sum(map(bool, warm.values()))}/{len(warm)}")
             out["worker_malloc_env"] = sorted({str(v) for v in client.run(_malloc_env).values()})
-            w0 = client.run(_worker_usage)
+            w0, c0 = client.run(_worker_usage), client.run(_worker_tasks)
             r = _timed(verify_mod, net, x_test[: K * n], Path(tmp) / "run", kw, out["device"])
-            w1 = client.run(_worker_usage)
+            w1, c1 = client.run(_worker_usage), client.run(_worker_tasks)
     finally:
         ex.close()
     wcpu = sum(w1[a][0] - w0[a][0] for a in w1 if a in w0)
@@ -219,7 +219,9 @@ def _child_dask(spec: dict, out: dict, verify_mod: Any, net: Any, x_test: Any, k
     out.update(r, images=N, s_per_image=r["wall_s"] / N, images_per_hour=3600.0 * N / r["wall_s"],
                cpu_s_per_image=(r["cpu_s"] + wcpu) / N, driver_cpu_s_per_image=r["cpu_s"] / N,
                peak_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
-               worker_peak_mib={str(a): v[1] for a, v in w1.items()})
+               worker_peak_mib={str(a): v[1] for a, v in w1.items()},
+               # a worker that ran more of the timed tasks than the others sets the wall time
+               worker_tasks=sorted(c1[a] - c0.get(a, 0) for a in c1))
     return out
 
 
@@ -227,6 +229,11 @@ def _worker_warm(dtype: str) -> bool:
     """Whether this worker holds a study network in ``dtype`` (run on every Dask worker)."""
     mod = sys.modules.get("linop.studies.verify")
     return any(key[1] == dtype for key in getattr(mod, "_NETS", {}))
+
+
+def _worker_tasks(dask_worker: Any) -> int:
+    """Tasks this Dask worker has executed so far (run on every Dask worker)."""
+    return int(dask_worker.state.executed_count)
 
 
 def _malloc_env() -> dict[str, str | None]:

@@ -142,5 +142,7 @@ def test_bench_study_smoke(tmp_path: Path) -> None:
     by = {r["column"]: r for r in doc["results"]}
     assert set(by) == {"inprocess", "indep", "dask"} and not any(r.get("error") for r in by.values()), by
     assert by["dask"]["workers_warm"] == "2/2" and by["dask"]["images"] == 2 and by["indep"]["images"] == 2
+    # the timed tasks each worker ran (counted on the workers): both workers, every task
+    assert len(by["dask"]["worker_tasks"]) == 2 and sum(by["dask"]["worker_tasks"]) == 2
     assert by["indep"]["start_spread_s"] < 1.0
     assert "scheduler overhead" in doc["table"]

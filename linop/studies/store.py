@@ -201,17 +201,21 @@ def write_json(path: str | os.PathLike, obj: Any, sort_keys: bool = False) -> Pa
 NPZ_LEVEL = 1
 
 
-def save_npz(path: str | os.PathLike, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> Path:
-    """Atomically write a compressed ``.npz`` of ``arrays`` plus ``meta`` (JSON, under the
-    name ``meta``; it carries the cache ``key`` :func:`npz_has` checks) — the format of
-    ``np.savez_compressed`` (``np.load`` reads it), deflated at :data:`NPZ_LEVEL`."""
+def npz_bytes(arrays: Mapping[str, Any]) -> bytes:
+    """The bytes of a ``.npz`` of ``arrays`` in the format of ``np.savez_compressed``
+    (``np.load`` reads it), deflated at :data:`NPZ_LEVEL`."""
     buf = io.BytesIO()
-    items = {"meta": np.array(json.dumps(jsonable(meta))), **arrays}
     with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=NPZ_LEVEL) as zf:
-        for name, value in items.items():
+        for name, value in arrays.items():
             with zf.open(f"{name}.npy", "w", force_zip64=True) as fh:
                 np.lib.format.write_array(fh, np.asanyarray(value), allow_pickle=False)
-    return atomic_write_bytes(path, buf.getvalue())
+    return buf.getvalue()
+
+
+def save_npz(path: str | os.PathLike, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> Path:
+    """Atomically write :func:`npz_bytes` of ``arrays`` plus ``meta`` (JSON, under the name
+    ``meta``; it carries the cache ``key`` :func:`npz_has` checks)."""
+    return atomic_write_bytes(path, npz_bytes({"meta": np.array(json.dumps(jsonable(meta))), **arrays}))
 
 
 def npz_has(path: str | os.PathLike, key: str, names: Iterable[str]) -> bool:

@@ -44,7 +44,6 @@ serial run uses the process's torch thread setting).
 """
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -629,10 +628,11 @@ def verify(
     }
     written = {"summary.json": store.write_json(out / "summary.json", summary),
                "summary.csv": _report.write_csv(out / "summary.csv", rows)}
-    buf = io.BytesIO()
-    np.savez_compressed(buf, log10_edges=LOG10_EDGES, **{f"{d}:{l}": h for d in dts for l, h in hists[d].items()},
-                        **{f"{d}:{l}:signed": h for d in dts for l, h in signed[d].items()})
-    written["histograms.npz"] = store.atomic_write_bytes(out / "histograms.npz", buf.getvalue())
+    # the summed histograms (int64 counts, mostly zero bins) deflated at the caches' level: a
+    # ResNet20 float32 set (18.5 MB) in 30 ms and 364 kB instead of numpy's default level's 80 ms, 252 kB
+    hist_arrays = {"log10_edges": LOG10_EDGES, **{f"{d}:{l}": h for d in dts for l, h in hists[d].items()},
+                   **{f"{d}:{l}:signed": h for d in dts for l, h in signed[d].items()}}
+    written["histograms.npz"] = store.atomic_write_bytes(out / "histograms.npz", store.npz_bytes(hist_arrays))
     if figures:
         written.update(_write_figures(out, net, hists, signed, dts, desc, N, scale, threshold, fig_layer, fig_image,
                                       fig_ch))
