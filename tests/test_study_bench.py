@@ -32,11 +32,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 # ----------------------------------------------------------------------------- the LocalCluster
-def _worker_settings() -> tuple[str | None, bool, str]:
+def _worker_settings() -> tuple[str | None, bool, str, str, str]:
     import dask
 
     return (os.environ.get("MALLOC_TRIM_THRESHOLD_"), bool(dask.config.get("distributed.worker.profile.enabled")),
-            str(dask.config.get("distributed.admin.tick.interval")))
+            str(dask.config.get("distributed.admin.tick.interval")),
+            str(dask.config.get("distributed.worker.memory.monitor-interval")),
+            str(dask.config.get("distributed.admin.system-monitor.interval")))
 
 
 def test_local_cluster_workers_like_plain_processes() -> None:
@@ -46,10 +48,13 @@ def test_local_cluster_workers_like_plain_processes() -> None:
     ex = DaskExecutor.local(1)
     try:
         got = list(ex.start().run(_worker_settings).values())
+        # the nannies (objects in this process) poll their worker's memory once a second
+        nanny_polls = [n.memory_manager.memory_monitor_interval for n in ex.cluster.workers.values()]
     finally:
         ex.close()
     # the worker inherits the driver's own value (normally none), not Dask's 65536
-    assert got == [(os.environ.get("MALLOC_TRIM_THRESHOLD_"), False, "500ms")]
+    assert got == [(os.environ.get("MALLOC_TRIM_THRESHOLD_"), False, "500ms", "1s", "2s")]
+    assert nanny_polls == [1.0]
     assert ex.client is None and ex.cluster is None  # closed what it started
 
 

@@ -71,12 +71,20 @@ CONNECT_TIMEOUT = 5.0
 #:   (scheduler, nannies, workers); an idle 2-worker cluster's driver process went from 4.0 % to
 #:   1.6 % of a core, each worker from 1.7 % to 0.65 %.  Blocked-loop warnings still come after
 #:   ``admin.tick.limit`` (3 s).
+#: * ``worker.memory.monitor-interval`` 1 s (Dask: 100 ms): each nanny — an object in the
+#:   driver's process — and each worker read the worker's memory with psutil ten times a second;
+#:   with 1 s (and ``admin.system-monitor.interval`` 2 s instead of 500 ms) an idle 2-worker
+#:   cluster's driver went from 1.8 % to 0.9 % of a core and each worker from 0.75 % to 0.3 %
+#:   (the CPU a study's driver takes from the workers on a machine with one core per worker).
+#:   A worker past the memory limit is still stopped, within a second.
 #:
 #: A cluster the user runs (an address, a Client) keeps its own configuration.
 LOCAL_CLUSTER_CONFIG: dict[str, Any] = {
     "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,
     "distributed.worker.profile.enabled": False,
     "distributed.admin.tick.interval": "500ms",
+    "distributed.worker.memory.monitor-interval": "1s",
+    "distributed.admin.system-monitor.interval": "2s",
 }
 
 
