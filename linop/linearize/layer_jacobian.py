@@ -3,7 +3,7 @@ r"""The Jacobian of one layer in the compressed-window representation (:class:`L
 Row ``u`` of a layer's Jacobian w.r.t. the image lives in ``u``'s receptive-field window; a
 sweep (:mod:`linop.linearize.sweep`) delivers it as tangents compressed with period ``P``
 (see :mod:`linop.linearize.tangents`).  Densification (:meth:`LayerJacobian.image`, the RM2
-layout ``(U, C, H, W)``) is one 2-D transposed copy of the tangents plus, while
+layout ``(U, C, H, W)``) is one transposed copy of the tangents (:func:`unit_major_copy`) plus, while
 ``P < (H, W)``, one gather with a cached colour index (pixels outside a window read an exact
 structural zero), optionally into a reused preallocated ``out`` buffer; in the dense regime it
 is the transposed copy alone.
@@ -19,6 +19,38 @@ import torch
 from .tangents import spatial_groups
 
 __all__ = ["LayerJacobian"]
+
+
+#: tangents per block of :func:`unit_major_copy` (its scratch: ``S·G·64`` entries, 8 MiB for a
+#: float32 32×32×32 layer); 64–512 measured within 15 % of each other
+UNIT_MAJOR_BLOCK = 64
+
+
+def unit_major_copy(buf: torch.Tensor, Tcl: torch.Tensor) -> torch.Tensor:
+    r"""``buf`` ``(G, S, n)`` ← the contiguous channels-last batch view ``Tcl`` ``(n, S, G)``
+    unit-major: ``buf[g, s, t] = Tcl[t, s, g]`` (unit ``(g, s)``'s tangents one contiguous row).
+
+    Evaluation strategy, the same values moved (bit for bit): the direct
+    ``buf.copy_(Tcl.permute(2, 1, 0))`` reads the batch with a stride of ``S·G`` entries along
+    each output row (0.6–0.7 GB/s here, every read on another page).  On the CPU each block of
+    :data:`UNIT_MAJOR_BLOCK` tangents — a contiguous ``(b, S·G)`` matrix — goes through torch's
+    cache-blocked 2-D transposed copy into a ``(S·G, b)`` scratch, whose rows are then copied in
+    ``(g, s)`` order as runs of ``b`` entries: 3.9–5.5 GB/s (3,072 tangents of a 32×32×32 /
+    16×16×64 / 8×8×96 layer: 0.21 / 0.08 / 0.03 s instead of 1.44 / 0.71 / 0.21 s, one thread).
+    A block loop, not a loop over units or tangents."""
+    n, S, G = Tcl.shape
+    dst = buf.view(G, S, n)
+    if Tcl.device.type != "cpu" or n * S * G == 0:  # the device's transpose kernel is its own strategy
+        return dst.copy_(Tcl.permute(2, 1, 0))
+    b = min(n, UNIT_MAJOR_BLOCK)
+    flat = Tcl.reshape(n, S * G)
+    scratch = Tcl.new_empty(S * G * b)
+    for r0 in range(0, n, b):
+        w = min(b, n - r0)
+        sc = scratch[:S * G * w].view(S * G, w)
+        sc.copy_(flat[r0:r0 + w].t())  # contiguous destination, (1, S·G)-strided source: the blocked path
+        dst[:, :, r0:r0 + w].copy_(sc.view(S, G, w).permute(1, 0, 2))  # rows of w contiguous entries
+    return dst
 
 
 def _out_view(out: torch.Tensor | None, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
@@ -141,7 +173,7 @@ class LayerJacobian:
         def unit_major(buf: torch.Tensor) -> None:
             """``buf`` (U, nc·L) ← the tangents unit-major: one transposed copy in either layout."""
             if Tcl is not None:  # unit (g, s) of a (n, S, G) batch
-                buf.view(Tcl.shape[2], Tcl.shape[1], nc * L).copy_(Tcl.permute(2, 1, 0))
+                unit_major_copy(buf, Tcl)
             else:
                 buf.copy_(T2.t())
 
