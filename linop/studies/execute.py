@@ -73,9 +73,10 @@ CONNECT_TIMEOUT = 5.0
 #:   ``admin.tick.limit`` (3 s).
 #: * ``worker.memory.monitor-interval`` 1 s (Dask: 100 ms): each nanny — an object in the
 #:   driver's process — and each worker read the worker's memory with psutil ten times a second;
-#:   with 1 s (and ``admin.system-monitor.interval`` 2 s instead of 500 ms) an idle 2-worker
-#:   cluster's driver went from 1.8 % to 0.9 % of a core and each worker from 0.75 % to 0.3 %
-#:   (the CPU a study's driver takes from the workers on a machine with one core per worker).
+#:   with 1 s an idle 2-worker cluster's driver went from 1.8 % to 1.0 % of a core and each
+#:   worker from 0.75 % to 0.35 %; with ``admin.system-monitor.interval`` 2 s as well (Dask:
+#:   500 ms), from 1.3 % to 0.7 % and 0.6 % to 0.25 % in a second measurement (the CPU a study's
+#:   driver takes from the workers on a machine with one core per worker).
 #:   A worker past the memory limit is still stopped, within a second.
 #:
 #: A cluster the user runs (an address, a Client) keeps its own configuration.
