@@ -18,7 +18,7 @@ import contextlib
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from linop.operators import Conv2d, conv_gemm, conv_nhwc, dottest
@@ -444,3 +444,18 @@ def test_nhwc_workspace_formula():
         assert schedule.conv_workspace(op, 8) == want
         with shift_pixels(1024, 16):  # NHWC shifted GEMMs: (C_in + C_out)·G as CNHW
             assert schedule.conv_workspace(op, 8) == 64 * conv_gemm.slot(33, 33)
+
+
+@settings(max_examples=30, deadline=None)
+@given(pads=st.tuples(*[st.integers(0, 3)] * 4), n=st.integers(1, 3), c=st.integers(1, 5),
+       h=st.integers(1, 6), w=st.integers(1, 6))
+def test_padded_copy_frame_is_zero_interior_is_x(pads, n, c, h, w) -> None:
+    # the patch GEMM's zero-framed NHWC copy zero-fills only the frame: every entry must still be
+    # written (a fresh buffer holds whatever memory held before: NaNs put there just now)
+    pt, pb, pl, pr = pads
+    x = torch.randn(n, c, h, w, dtype=torch.float64).to(memory_format=torch.channels_last)
+    junk = torch.full((n, h + pt + pb, w + pl + pr, c), float("nan"), dtype=torch.float64)
+    del junk
+    got = conv_nhwc._padded_nhwc(x, pt, pb, pl, pr)
+    want = F.pad(x, (pl, pr, pt, pb)).permute(0, 2, 3, 1)
+    assert got.shape == want.shape and torch.equal(got, want)

@@ -128,6 +128,21 @@ def conv2d_nhwc_shifted(x: torch.Tensor, taps_t: torch.Tensor, kernel: tuple[int
     return out.view(N, G, Co)[:, :Sh * Sw].view(N, Sh, Sw, Co)[:, :Ho, :Wo].permute(0, 3, 1, 2)
 
 
+def _padded_nhwc(x: torch.Tensor, pt: int, pb: int, pl: int, pr: int) -> torch.Tensor:
+    """``x`` ``(N, C, H, W)`` copied into a zero-framed NHWC ``(N, H + pt + pb, W + pl + pr, C)``
+    batch: only the frame is zero-filled (the interior is written once, by the copy — a zero fill
+    of the whole batch first was a second pass over it)."""
+    N, C, H, W = x.shape
+    Hp, Wp = H + pt + pb, W + pl + pr
+    xp = x.new_empty((N, Hp, Wp, C))
+    xp[:, :pt].zero_()
+    xp[:, pt + H:].zero_()
+    xp[:, pt:pt + H, :pl].zero_()
+    xp[:, pt:pt + H, pl + W:].zero_()
+    xp[:, pt:pt + H, pl:pl + W].copy_(x.permute(0, 2, 3, 1))
+    return xp
+
+
 def conv2d_nhwc_im2col(x: torch.Tensor, wmat: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int],
                        padding: Sequence[int], dilation: tuple[int, int]) -> torch.Tensor:
     r"""Groups-1 cross-correlation of ``x`` ``(N, C_in, H, W)``, any stride, by one patch GEMM per image.
@@ -154,8 +169,7 @@ def conv2d_nhwc_im2col(x: torch.Tensor, wmat: torch.Tensor, kernel: tuple[int, i
     pt, pb, pl, pr = padding
     Ho = (H + pt + pb - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     Wo = (W + pl + pr - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    xp = x.new_zeros((N, H + pt + pb, W + pl + pr, C))
-    xp[:, pt:pt + H, pl:pl + W].copy_(x.permute(0, 2, 3, 1))
+    xp = _padded_nhwc(x, pt, pb, pl, pr)
     sn, sh, sw, _ = xp.stride()
     L = Ho * Wo
     out = x.new_empty((N, Ho, Wo, Co))
