@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from linop.operators.conv import Conv2d
 
-__all__ = ["conv_geometries", "conv_from", "rows"]
+__all__ = ["conv_geometries", "conv_from", "rows", "check_direct_ccp"]
 
 
 @st.composite
@@ -54,3 +54,15 @@ def conv_from(c: dict) -> tuple[torch.Tensor, Conv2d]:
 def rows(x, n: int) -> np.ndarray:
     """``x`` (a tensor or array of ``n`` samples) as an ``(n, -1)`` numpy array of its rows."""
     return np.asarray(torch.as_tensor(x)).reshape(n, -1)
+
+
+def check_direct_ccp(res, z_star, b, pinv: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Assert that a CCP solve ``res`` took the direct form and returned ``W⁺ t`` (``t = z* − b``, the
+    unique least-squares point where W has full column rank) within 1e-12 of ``‖a*‖`` (the callers'
+    docstrings say why); returns ``(a, ref, t)`` as ``(n, -1)`` rows."""
+    t = rows(z_star - b[:, None, None], n)
+    ref = t @ pinv.T
+    assert res.info["form"].startswith("direct")
+    a = rows(res.a, n)
+    assert np.max(np.linalg.norm(a - ref, axis=1) / np.linalg.norm(ref, axis=1)) <= 1e-12
+    return a, ref, t

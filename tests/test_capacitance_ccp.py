@@ -15,7 +15,7 @@ from test_fft_padded import dense
 from linop.operators.conv import Conv2d
 from linop.solvers import CapacitanceSolver, solve
 
-from kit_convs import rows  # test kit
+from kit_convs import check_direct_ccp, rows  # test kit
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny problems: threads only add contention
 
@@ -54,12 +54,8 @@ def test_direct_form_equals_dense_pinv_and_the_correction_form(c):
     cs = CapacitanceSolver(w, op.in_shape)
     assume(cs.ccp_direct)  # certified (a near-singular frequency goes to the Tikhonov path instead)
     n = a_hat.shape[0]
-    t = rows(z_star - b[:, None, None], n)
-    ref = t @ pinv.T  # W⁺ t: the unique least-squares point
     res = solve(op, z_star, a_hat, b=b, method="fft-exact", capacitance_solver=cs)
-    assert res.info["form"].startswith("direct")
-    a = rows(res.a, n)
-    assert np.max(np.linalg.norm(a - ref, axis=1) / np.linalg.norm(ref, axis=1)) <= 1e-12
+    a, ref, t = check_direct_ccp(res, z_star, b, pinv, n)  # W⁺ t, the unique least-squares point
     r = (z_star - b[:, None, None]) - op.apply(a_hat)  # the correction form â + W⁺ r
     d, _ = cs.solve(r)
     a_corr = rows(a_hat + d, n)
